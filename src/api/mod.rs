@@ -1,0 +1,150 @@
+//! bfb's public gRPC API: one thin adapter per contract version over the
+//! shared [`Engine`](crate::engine::Engine).
+//!
+//! An adapter validates the request (every problem becomes a field violation
+//! before anything is called), hands the engine plain values, and shapes the
+//! engine's version-neutral result into its contract's messages.
+
+pub mod activity_v1;
+pub mod customer_v1;
+
+use std::collections::HashMap;
+
+use prost_types::Timestamp;
+use tonic_types::FieldViolation;
+
+use crate::{
+    component::Component,
+    engine::{Completeness, OutcomeState},
+    pb::bfb::common::v1::{
+        AggregateStatus, Completeness as PbCompleteness, ComponentState, ComponentStatus,
+        DataSource,
+    },
+};
+
+/// Longest accepted entity id.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Checks an entity id: 1 to [`MAX_ID_LEN`] characters of `[A-Za-z0-9._:-]`.
+pub fn check_id(field: &str, id: &str, violations: &mut Vec<FieldViolation>) {
+    let problem = if id.is_empty() {
+        "must not be empty"
+    } else if id.len() > MAX_ID_LEN {
+        "must be at most 64 characters"
+    } else if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        "may contain only letters, digits and . _ : -"
+    } else {
+        return;
+    };
+    violations.push(FieldViolation::new(field, problem));
+}
+
+/// Reads the `completeness` enum; unknown values are a violation.
+pub fn check_completeness(value: i32, violations: &mut Vec<FieldViolation>) -> Completeness {
+    match PbCompleteness::try_from(value) {
+        Ok(PbCompleteness::All) => Completeness::All,
+        Ok(PbCompleteness::Unspecified | PbCompleteness::BestEffort) => Completeness::BestEffort,
+        Err(_) => {
+            violations.push(FieldViolation::new(
+                "completeness",
+                format!("unknown value {value}; use COMPLETENESS_BEST_EFFORT or COMPLETENESS_ALL"),
+            ));
+            Completeness::BestEffort
+        }
+    }
+}
+
+/// Checks that a timestamp is one protobuf allows (years 1 to 9999, nanos in
+/// range).
+pub fn check_timestamp(field: &str, ts: &Timestamp, violations: &mut Vec<FieldViolation>) {
+    const MIN: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
+    const MAX: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
+    if !(MIN..=MAX).contains(&ts.seconds) || !(0..1_000_000_000).contains(&ts.nanos) {
+        violations.push(FieldViolation::new(
+            field,
+            "must be a valid timestamp between years 1 and 9999",
+        ));
+    }
+}
+
+/// Builds the status of an answer from each component's outcome.
+pub fn aggregate_status(outcomes: &[(Component, OutcomeState)]) -> AggregateStatus {
+    let mut degraded = false;
+    let components: HashMap<String, ComponentStatus> = outcomes
+        .iter()
+        .map(|&(component, outcome)| {
+            let (state, reason, source) = match outcome {
+                OutcomeState::Ok => (ComponentState::Ok, "OK", DataSource::Live),
+                OutcomeState::Skipped => (
+                    ComponentState::Skipped,
+                    "NOT_REQUESTED",
+                    DataSource::Unspecified,
+                ),
+                OutcomeState::Failed(reason) => {
+                    degraded = true;
+                    (
+                        ComponentState::Error,
+                        reason.code(),
+                        DataSource::Unspecified,
+                    )
+                }
+            };
+            let status = ComponentStatus {
+                state: state.into(),
+                reason: reason.to_string(),
+                source: source.into(),
+            };
+            (component.name().to_string(), status)
+        })
+        .collect();
+    AggregateStatus {
+        degraded,
+        components,
+    }
+}
+
+/// Orders timestamps newest first (`None` last).
+pub fn newest_first(a: Option<&Timestamp>, b: Option<&Timestamp>) -> std::cmp::Ordering {
+    let key = |t: Option<&Timestamp>| t.map(|t| (t.seconds, t.nanos));
+    key(b).cmp(&key(a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Reason;
+
+    #[test]
+    fn ids_are_checked_for_length_and_charset() {
+        let mut v = Vec::new();
+        for ok in ["c-1", "u-10000", "A.b_c:d-9"] {
+            check_id("id", ok, &mut v);
+        }
+        assert!(v.is_empty());
+        for bad in ["", "c 1", "c/1", "ç-1", &"x".repeat(65)] {
+            check_id("id", bad, &mut v);
+        }
+        assert_eq!(v.len(), 5);
+    }
+
+    #[test]
+    fn status_marks_failed_components_as_degraded() {
+        let s = aggregate_status(&[
+            (Component::Profile, OutcomeState::Ok),
+            (Component::Orders, OutcomeState::Failed(Reason::Timeout)),
+            (Component::Reviews, OutcomeState::Skipped),
+        ]);
+        assert!(s.degraded);
+        assert_eq!(s.components["orders"].reason, "TIMEOUT");
+        assert_eq!(s.components["orders"].state, ComponentState::Error as i32);
+        assert_eq!(
+            s.components["reviews"].state,
+            ComponentState::Skipped as i32
+        );
+        assert_eq!(s.components["profile"].source, DataSource::Live as i32);
+        assert!(!aggregate_status(&[(Component::Profile, OutcomeState::Ok)]).degraded);
+    }
+}

@@ -1,0 +1,117 @@
+//! `bfb demo`: the simulated services and bfb in one process, on the embedded
+//! default config, with a few `grpcurl` commands to try.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::net::TcpListener;
+
+use crate::{
+    config::Config,
+    sim::{self, SimConfig, state::Behavior},
+};
+
+/// Why the demo could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The embedded config is invalid (a unit test prevents this).
+    #[error("embedded config: {0}")]
+    Config(#[from] crate::config::ConfigError),
+    /// An address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A server failed.
+    #[error(transparent)]
+    Serve(#[from] crate::server::ServeError),
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, DemoError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| DemoError::Bind { addr, source })
+}
+
+/// Runs the demo until `shutdown` completes.
+pub async fn run(
+    listen: SocketAddr,
+    sim_listen: SocketAddr,
+    sim_latency: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DemoError> {
+    let sim_listener = bind(sim_listen).await?;
+    let sim_addr = sim_listener
+        .local_addr()
+        .map_err(|source| DemoError::Bind {
+            addr: sim_listen,
+            source,
+        })?;
+    let bfb_listener = bind(listen).await?;
+    let bfb_addr = bfb_listener
+        .local_addr()
+        .map_err(|source| DemoError::Bind {
+            addr: listen,
+            source,
+        })?;
+
+    let mut config = Config::example()?.with_all_endpoints(&format!("http://{sim_addr}"));
+    config.listen = bfb_addr;
+    let sim_config = SimConfig {
+        behavior: Behavior {
+            latency: sim_latency,
+            ..Behavior::default()
+        },
+        ..SimConfig::default()
+    };
+
+    println!("{}", instructions(bfb_addr, sim_addr, sim_latency));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {
+        let _ = rx.changed().await;
+    };
+    let sim = sim::serve(sim_config, sim_listener, stopped(stop_rx.clone()));
+    let bfb = crate::server::serve(&config, bfb_listener, stopped(stop_rx));
+    let trigger = async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    };
+    let (sim, bfb, ()) = tokio::join!(sim, bfb, trigger);
+    sim?;
+    bfb?;
+    Ok(())
+}
+
+fn instructions(bfb: SocketAddr, sim: SocketAddr, latency: Duration) -> String {
+    let latency = humantime::format_duration(latency);
+    format!(
+        r#"bfb demo: bfb on {bfb}, simulated downstream services on {sim} (latency {latency} each).
+
+Try (grpcurl, through server reflection):
+
+  grpcurl -plaintext {bfb} list
+  grpcurl -plaintext {bfb} describe bfb.customer.v1.GetCustomerRequest
+  grpcurl -plaintext -d '{{"customer_id":"c-42"}}' {bfb} bfb.customer.v1.CustomerAggregateService/GetCustomer
+  grpcurl -plaintext -d '{{"customer_id":"c-42","read_mask":"profile,orders"}}' {bfb} bfb.customer.v1.CustomerAggregateService/GetCustomer
+  grpcurl -plaintext -d '{{"user_id":"u-7"}}' {bfb} bfb.activity.v1.UserActivityService/GetUserActivity
+  grpcurl -plaintext -d '{{"service":"bfb.customer.v1.CustomerAggregateService"}}' {bfb} grpc.health.v1.Health/Check
+
+Inject a fault: make the orders service fail every call, then ask again and
+watch "orders" turn to ERROR/UNAVAILABLE in the status while the rest is served
+(or ask with "completeness":"COMPLETENESS_ALL" and watch the call fail):
+
+  grpcurl -plaintext -d '{{"service":"orders","behavior":{{"error_rate":1}}}}' {sim} bfb.sim.v1.SimControl/SetBehavior
+  grpcurl -plaintext -d '{{"customer_id":"c-42"}}' {bfb} bfb.customer.v1.CustomerAggregateService/GetCustomer
+  grpcurl -plaintext -d '{{"customer_id":"c-42","completeness":"COMPLETENESS_ALL"}}' {bfb} bfb.customer.v1.CustomerAggregateService/GetCustomer
+  grpcurl -plaintext {sim} bfb.sim.v1.SimControl/GetStats
+  grpcurl -plaintext {sim} bfb.sim.v1.SimControl/Reset
+
+Deadlines: a deadline shorter than the simulated latency ends in DEADLINE_EXCEEDED:
+
+  grpcurl -plaintext -max-time 0.01 -d '{{"customer_id":"c-42"}}' {bfb} bfb.customer.v1.CustomerAggregateService/GetCustomer
+
+Ctrl-C stops the demo."#
+    )
+}

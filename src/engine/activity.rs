@@ -1,0 +1,190 @@
+//! The user-activity aggregate: calls, e-mails and SMS fetched concurrently,
+//! then every counterparty named in one batched directory lookup.
+
+use std::collections::{HashMap, HashSet};
+
+use prost_types::Timestamp;
+
+use crate::{
+    component::{Component, ComponentSet},
+    downstream::CallError,
+    error::{Error, Reason},
+    pb::downstream::{
+        calls::v1::{Call, ListCallsRequest},
+        directory::v1::BatchGetContactsRequest,
+        emails::v1::{Email, ListEmailsRequest},
+        sms::v1::{ListSmsRequest, Sms},
+    },
+};
+
+use super::{Completeness, Deadline, Engine, Outcome, fetch, needed};
+
+/// A validated time window; either bound may be open.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Window {
+    /// Inclusive start.
+    pub start: Option<Timestamp>,
+    /// Exclusive end.
+    pub end: Option<Timestamp>,
+}
+
+/// The downstream data of one user, as fetched; adapters shape it.
+#[derive(Debug)]
+pub struct ActivityParts {
+    /// From the calls service, newest first.
+    pub calls: Outcome<Vec<Call>>,
+    /// From the emails service, newest first.
+    pub emails: Outcome<Vec<Email>>,
+    /// From the sms service, newest first.
+    pub sms: Outcome<Vec<Sms>>,
+    /// Counterparty id → display name, from one directory call. Skipped when
+    /// there was nobody to look up.
+    pub names: Outcome<HashMap<String, String>>,
+}
+
+impl Engine {
+    /// Fetches the requested channels of user `id` concurrently, then names
+    /// every counterparty with one directory call.
+    pub async fn activity(
+        &self,
+        id: &str,
+        window: &Window,
+        requested: ComponentSet,
+        completeness: Completeness,
+        deadline: Deadline,
+    ) -> Result<ActivityParts, Error> {
+        let needed = needed(
+            requested.with(Component::Directory),
+            self.activity_required,
+            completeness,
+        );
+        let ds = &self.downstreams;
+        let entity = ("user", id);
+        let user_id = || id.to_string();
+
+        let calls = fetch(Component::Calls, requested, needed, entity, || async {
+            let mut client = ds.calls.clone();
+            let msg = ListCallsRequest {
+                user_id: user_id(),
+                start_time: window.start,
+                end_time: window.end,
+            };
+            let resp = ds
+                .call(Component::Calls, &deadline, msg, |r| client.list_calls(r))
+                .await?;
+            Ok(resp.calls)
+        });
+        let emails = fetch(Component::Emails, requested, needed, entity, || async {
+            let mut client = ds.emails.clone();
+            let msg = ListEmailsRequest {
+                user_id: user_id(),
+                start_time: window.start,
+                end_time: window.end,
+            };
+            let resp = ds
+                .call(Component::Emails, &deadline, msg, |r| client.list_emails(r))
+                .await?;
+            Ok(resp.emails)
+        });
+        let sms = fetch(Component::Sms, requested, needed, entity, || async {
+            let mut client = ds.sms.clone();
+            let msg = ListSmsRequest {
+                user_id: user_id(),
+                start_time: window.start,
+                end_time: window.end,
+            };
+            let resp = ds
+                .call(Component::Sms, &deadline, msg, |r| client.list_sms(r))
+                .await?;
+            Ok(resp.messages)
+        });
+        let (calls, emails, sms) = tokio::try_join!(calls, emails, sms)?;
+
+        let ids = counterparties(&calls, &emails, &sms);
+        let lookup = if ids.is_empty() {
+            ComponentSet::EMPTY
+        } else {
+            ComponentSet::EMPTY.with(Component::Directory)
+        };
+        let names = fetch(Component::Directory, lookup, needed, entity, || async {
+            let mut client = ds.directory.clone();
+            let msg = BatchGetContactsRequest { user_ids: ids };
+            let resp = ds
+                .call(Component::Directory, &deadline, msg, |r| {
+                    client.batch_get_contacts(r)
+                })
+                .await
+                // The directory answers unknown ids by leaving them out; a
+                // NOT_FOUND from it says nothing about the user asked for.
+                .map_err(|e| match e {
+                    CallError::NotFound => CallError::Failed(Reason::DownstreamRejected),
+                    other => other,
+                })?;
+            Ok(resp
+                .contacts
+                .into_iter()
+                .map(|c| (c.user_id, c.display_name))
+                .collect())
+        })
+        .await?;
+        Ok(ActivityParts {
+            calls,
+            emails,
+            sms,
+            names,
+        })
+    }
+}
+
+/// Every distinct counterparty id in the fetched records, in first-seen order.
+fn counterparties(
+    calls: &Outcome<Vec<Call>>,
+    emails: &Outcome<Vec<Email>>,
+    sms: &Outcome<Vec<Sms>>,
+) -> Vec<String> {
+    let mut seen = HashSet::new();
+    let all = calls
+        .as_ok()
+        .into_iter()
+        .flatten()
+        .map(|c| &c.counterparty_id)
+        .chain(
+            emails
+                .as_ok()
+                .into_iter()
+                .flatten()
+                .map(|e| &e.counterparty_id),
+        )
+        .chain(
+            sms.as_ok()
+                .into_iter()
+                .flatten()
+                .map(|s| &s.counterparty_id),
+        );
+    all.filter(|id| seen.insert(id.as_str())).cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counterparties_are_distinct_across_channels() {
+        let call = |id: &str| Call {
+            counterparty_id: id.into(),
+            ..Default::default()
+        };
+        let email = |id: &str| Email {
+            counterparty_id: id.into(),
+            ..Default::default()
+        };
+        let ids = counterparties(
+            &Outcome::Ok(vec![call("u-2"), call("u-3"), call("u-2")]),
+            &Outcome::Ok(vec![email("u-3"), email("u-4")]),
+            &Outcome::Failed(Reason::Timeout),
+        );
+        assert_eq!(ids, ["u-2", "u-3", "u-4"]);
+        let none = counterparties(&Outcome::Skipped, &Outcome::Skipped, &Outcome::Skipped);
+        assert!(none.is_empty());
+    }
+}

@@ -1,0 +1,103 @@
+//! The customer aggregate: profile, favorites, reviews and orders, fetched
+//! concurrently.
+
+use crate::{
+    component::{Component, ComponentSet},
+    downstream::CallError,
+    error::{Error, Reason},
+    pb::downstream::{
+        favorites::v1::{Favorite, ListFavoritesRequest},
+        orders::v1::{ListOrdersRequest, Order},
+        profile::v1::{GetProfileRequest, Profile},
+        reviews::v1::{ListReviewsRequest, Review},
+    },
+};
+
+use super::{Completeness, Deadline, Engine, Outcome, fetch, needed};
+
+/// The downstream data of one customer, as fetched; adapters shape it.
+#[derive(Debug)]
+pub struct CustomerParts {
+    /// From the profile service.
+    pub profile: Outcome<Profile>,
+    /// From the favorites service, newest first.
+    pub favorites: Outcome<Vec<Favorite>>,
+    /// From the reviews service, newest first.
+    pub reviews: Outcome<Vec<Review>>,
+    /// From the orders service, newest first.
+    pub orders: Outcome<Vec<Order>>,
+}
+
+impl Engine {
+    /// Fetches the requested components of customer `id` concurrently.
+    pub async fn customer(
+        &self,
+        id: &str,
+        requested: ComponentSet,
+        completeness: Completeness,
+        deadline: Deadline,
+    ) -> Result<CustomerParts, Error> {
+        let needed = needed(requested, self.customer_required, completeness);
+        let ds = &self.downstreams;
+        let entity = ("customer", id);
+        let customer_id = || id.to_string();
+
+        let profile = fetch(Component::Profile, requested, needed, entity, || async {
+            let mut client = ds.profile.clone();
+            let msg = GetProfileRequest {
+                customer_id: customer_id(),
+            };
+            let resp = ds
+                .call(Component::Profile, &deadline, msg, |r| {
+                    client.get_profile(r)
+                })
+                .await?;
+            resp.profile.ok_or(CallError::Failed(Reason::BadResponse))
+        });
+        let favorites = fetch(Component::Favorites, requested, needed, entity, || async {
+            let mut client = ds.favorites.clone();
+            let msg = ListFavoritesRequest {
+                customer_id: customer_id(),
+            };
+            let resp = ds
+                .call(Component::Favorites, &deadline, msg, |r| {
+                    client.list_favorites(r)
+                })
+                .await?;
+            Ok(resp.favorites)
+        });
+        let reviews = fetch(Component::Reviews, requested, needed, entity, || async {
+            let mut client = ds.reviews.clone();
+            let msg = ListReviewsRequest {
+                customer_id: customer_id(),
+            };
+            let resp = ds
+                .call(Component::Reviews, &deadline, msg, |r| {
+                    client.list_reviews(r)
+                })
+                .await?;
+            Ok(resp.reviews)
+        });
+        let orders = fetch(Component::Orders, requested, needed, entity, || async {
+            let mut client = ds.orders.clone();
+            let msg = ListOrdersRequest {
+                customer_id: customer_id(),
+            };
+            let resp = ds
+                .call(Component::Orders, &deadline, msg, |r| client.list_orders(r))
+                .await?;
+            Ok(resp.orders)
+        });
+
+        // One task, four futures: no spawn per call, and a failing required
+        // component drops (cancels) the others.
+        let (profile, favorites, reviews, orders) =
+            tokio::try_join!(profile, favorites, reviews, orders)?;
+        Ok(CustomerParts {
+            profile,
+            favorites,
+            reviews,
+            orders,
+        })
+    }
+}

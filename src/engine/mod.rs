@@ -1,0 +1,215 @@
+//! The fan-out engine: one place that turns "this entity, these components,
+//! this deadline" into concurrent downstream calls and per-component outcomes.
+//!
+//! API adapters (`crate::api`) parse and validate requests, call the engine and
+//! shape its version-neutral results into their contract. The engine decides
+//! what is called, how failures of required and optional components end the
+//! call, and nothing about wire formats of bfb's own API.
+//!
+//! Failure rules: a component the answer needs (a required one, or any under
+//! [`Completeness::All`]) fails the whole call at once and cancels the calls
+//! still in flight; an optional one is reported as [`Outcome::Failed`] and the
+//! rest of the answer is kept. NOT_FOUND from any component means the entity
+//! does not exist.
+
+pub mod activity;
+pub mod customer;
+pub mod deadline;
+
+use std::future::Future;
+
+use crate::{
+    component::{Component, ComponentSet},
+    config::Config,
+    downstream::{CallError, Downstreams, EndpointError},
+    error::{Error, Reason},
+};
+
+pub use self::{activity::ActivityParts, customer::CustomerParts, deadline::Deadline};
+
+/// What one component of an answer came to.
+#[derive(Debug)]
+pub enum Outcome<T> {
+    /// Not requested, so not fetched.
+    Skipped,
+    /// Fetched.
+    Ok(T),
+    /// An optional component that could not be fetched.
+    Failed(Reason),
+}
+
+impl<T> Outcome<T> {
+    /// The data, if fetched.
+    pub fn ok(self) -> Option<T> {
+        match self {
+            Outcome::Ok(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The data, if fetched, by reference.
+    pub fn as_ok(&self) -> Option<&T> {
+        match self {
+            Outcome::Ok(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The outcome without its data, for status reporting.
+    pub fn state(&self) -> OutcomeState {
+        match self {
+            Outcome::Skipped => OutcomeState::Skipped,
+            Outcome::Ok(_) => OutcomeState::Ok,
+            Outcome::Failed(r) => OutcomeState::Failed(*r),
+        }
+    }
+}
+
+/// An [`Outcome`] without its data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutcomeState {
+    /// Not requested.
+    Skipped,
+    /// Fetched.
+    Ok,
+    /// Failed, optional.
+    Failed(Reason),
+}
+
+/// How complete an answer the caller accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completeness {
+    /// Optional components may fail; required ones may not.
+    BestEffort,
+    /// Every requested component must be fetched.
+    All,
+}
+
+/// The shared core behind every API version.
+pub struct Engine {
+    downstreams: Downstreams,
+    deadlines: crate::config::Deadlines,
+    customer_required: ComponentSet,
+    activity_required: ComponentSet,
+}
+
+impl Engine {
+    /// Builds the engine and its downstream clients from a validated config.
+    pub fn new(config: &Config) -> Result<Engine, EndpointError> {
+        Ok(Engine {
+            downstreams: Downstreams::connect_lazy(config)?,
+            deadlines: config.deadlines.clone(),
+            customer_required: config.aggregates.customer.required_set(),
+            activity_required: config.aggregates.activity.required_set(),
+        })
+    }
+
+    /// The deadline of a call that arrives now with these headers.
+    pub fn deadline(&self, metadata: &tonic::metadata::MetadataMap) -> Deadline {
+        Deadline::from_metadata(metadata, &self.deadlines, tokio::time::Instant::now())
+    }
+}
+
+/// Which of the requested components the answer cannot do without.
+fn needed(
+    requested: ComponentSet,
+    configured: ComponentSet,
+    completeness: Completeness,
+) -> ComponentSet {
+    match completeness {
+        Completeness::All => requested,
+        Completeness::BestEffort => configured.intersect(requested),
+    }
+}
+
+/// Fetches one component if it was requested, applying the failure rules.
+/// `Err` ends the whole call (and, inside `try_join!`, cancels its siblings).
+async fn fetch<T, Fut>(
+    component: Component,
+    requested: ComponentSet,
+    needed: ComponentSet,
+    entity: (&'static str, &str),
+    call: impl FnOnce() -> Fut,
+) -> Result<Outcome<T>, Error>
+where
+    Fut: Future<Output = Result<T, CallError>>,
+{
+    if !requested.contains(component) {
+        return Ok(Outcome::Skipped);
+    }
+    match call().await {
+        Ok(v) => Ok(Outcome::Ok(v)),
+        Err(CallError::NotFound) => Err(Error::NotFound {
+            kind: entity.0,
+            id: entity.1.to_string(),
+        }),
+        Err(CallError::Failed(reason)) if needed.contains(component) => {
+            Err(Error::Component { component, reason })
+        }
+        Err(CallError::Failed(reason)) => Ok(Outcome::Failed(reason)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL4: [Component; 4] = Component::CUSTOMER;
+
+    #[test]
+    fn completeness_all_needs_every_requested_component() {
+        let requested = ComponentSet::of(&[Component::Profile, Component::Orders]);
+        let configured = ComponentSet::of(&[Component::Profile, Component::Reviews]);
+        assert_eq!(needed(requested, configured, Completeness::All), requested);
+        assert_eq!(
+            needed(requested, configured, Completeness::BestEffort),
+            ComponentSet::of(&[Component::Profile])
+        );
+        assert_eq!(
+            needed(
+                ComponentSet::of(&ALL4),
+                ComponentSet::EMPTY,
+                Completeness::BestEffort
+            ),
+            ComponentSet::EMPTY
+        );
+    }
+
+    #[tokio::test]
+    async fn fetch_applies_the_failure_rules() {
+        let req = ComponentSet::of(&ALL4);
+        let needed = ComponentSet::of(&[Component::Profile]);
+        let entity = ("customer", "c-1");
+        let failing = || async { Err::<u8, _>(CallError::Failed(Reason::Unavailable)) };
+
+        let skipped = fetch(Component::Calls, req, needed, entity, failing).await;
+        assert!(matches!(skipped, Ok(Outcome::Skipped)));
+
+        let optional = fetch(Component::Orders, req, needed, entity, failing).await;
+        assert!(matches!(optional, Ok(Outcome::Failed(Reason::Unavailable))));
+
+        let required = fetch(Component::Profile, req, needed, entity, failing).await;
+        assert!(matches!(
+            required,
+            Err(Error::Component {
+                component: Component::Profile,
+                reason: Reason::Unavailable
+            })
+        ));
+
+        let missing = fetch(Component::Orders, req, needed, entity, || async {
+            Err::<u8, _>(CallError::NotFound)
+        })
+        .await;
+        assert!(matches!(
+            missing,
+            Err(Error::NotFound {
+                kind: "customer",
+                ..
+            })
+        ));
+
+        let ok = fetch(Component::Orders, req, needed, entity, || async { Ok(7u8) }).await;
+        assert!(matches!(ok, Ok(Outcome::Ok(7))));
+    }
+}

@@ -1,0 +1,10 @@
+pub mod api;
+pub mod component;
+pub mod config;
+pub mod demo;
+pub mod downstream;
+pub mod engine;
+pub mod error;
+pub mod pb;
+pub mod server;
+pub mod sim;

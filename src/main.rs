@@ -1,0 +1,202 @@
+//! The `bfb` command: `serve`, `check-config`, `sim` and `demo`.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use bfb::{
+    component::Component,
+    config::{Config, ConfigError},
+    sim::{self, SimConfig, data::Dataset, state::Behavior},
+};
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "bfb: one gRPC call for a complete, versioned domain aggregate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run bfb with a TOML config.
+    Serve {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print every problem.
+    CheckConfig {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Run the simulated downstream services.
+    Sim(SimArgs),
+    /// Run the simulated services and bfb in one process on the default config.
+    Demo {
+        /// bfb's address.
+        #[arg(long, default_value = "127.0.0.1:50051")]
+        listen: SocketAddr,
+        /// The simulated services' address.
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        sim_listen: SocketAddr,
+        /// Latency of every simulated call, e.g. 20ms.
+        #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+        sim_latency: Duration,
+    },
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:50061")]
+    listen: SocketAddr,
+    /// `all`, or a comma-separated list of: profile, favorites, reviews,
+    /// orders, calls, emails, sms, directory.
+    #[arg(long, default_value = "all", value_parser = parse_services)]
+    services: Vec<Component>,
+    /// Number of customers (c-1..c-N).
+    #[arg(long, default_value_t = 10_000)]
+    customers: u64,
+    /// Number of users (u-1..u-N).
+    #[arg(long, default_value_t = 10_000)]
+    users: u64,
+    /// Latency of every call.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    latency: Duration,
+    /// Fraction of calls that take --slow-extra longer.
+    #[arg(long, default_value_t = 0.0)]
+    slow_fraction: f64,
+    /// Extra latency of slow calls.
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    slow_extra: Duration,
+    /// Fraction of calls that fail.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// gRPC code of injected failures, by number (14 = UNAVAILABLE).
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(i32).range(1..=16))]
+    error_code: i32,
+}
+
+fn parse_services(s: &str) -> Result<Vec<Component>, String> {
+    if s == "all" {
+        return Ok(Component::ALL.to_vec());
+    }
+    s.split(',')
+        .map(|name| {
+            Component::from_name(name.trim()).ok_or_else(|| {
+                format!(
+                    "unknown service {name:?}; expected all or any of: {}",
+                    bfb::component::names(&Component::ALL)
+                )
+            })
+        })
+        .collect()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("bfb: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    match cli.command {
+        Command::CheckConfig { file } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: OK", file.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(ConfigError::Invalid(problems)) => {
+                println!("{}: {} problem(s)", file.display(), problems.len());
+                for p in problems {
+                    println!("  - {p}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
+            Err(e) => {
+                println!("{}: {e}", file.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            let listener = TcpListener::bind(config.listen).await?;
+            bfb::server::serve(&config, listener, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sim(args) => {
+            for (name, v) in [
+                ("--slow-fraction", args.slow_fraction),
+                ("--error-rate", args.error_rate),
+            ] {
+                if !(0.0..=1.0).contains(&v) {
+                    return Err(format!("{name} must be between 0 and 1").into());
+                }
+            }
+            let config = SimConfig {
+                services: args.services,
+                data: Dataset {
+                    customers: args.customers,
+                    users: args.users,
+                },
+                behavior: Behavior {
+                    latency: args.latency,
+                    slow_fraction: args.slow_fraction,
+                    slow_extra: args.slow_extra,
+                    error_rate: args.error_rate,
+                    error_code: tonic::Code::from_i32(args.error_code),
+                },
+            };
+            let listener = TcpListener::bind(args.listen).await?;
+            // Tests start the sim on port 0 and read the address from here.
+            println!("bfb sim listening on {}", listener.local_addr()?);
+            sim::serve(config, listener, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo {
+            listen,
+            sim_listen,
+            sim_latency,
+        } => {
+            bfb::demo::run(listen, sim_listen, sim_latency, shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,80 @@
+//! Code generated from `proto/` by `build.rs`, and the descriptor set served
+//! by reflection.
+
+#![allow(missing_docs, clippy::all, clippy::pedantic)]
+
+/// Every file of `proto/` and its imports, with source comments, encoded.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/bfb_descriptor.bin"));
+
+/// bfb's own contracts.
+pub mod bfb {
+    /// Types shared by every aggregate.
+    pub mod common {
+        pub mod v1 {
+            tonic::include_proto!("bfb.common.v1");
+        }
+    }
+    /// The customer aggregate.
+    pub mod customer {
+        pub mod v1 {
+            tonic::include_proto!("bfb.customer.v1");
+        }
+    }
+    /// The user-activity aggregate.
+    pub mod activity {
+        pub mod v1 {
+            tonic::include_proto!("bfb.activity.v1");
+        }
+    }
+    /// Run-time control of the simulated downstream services.
+    pub mod sim {
+        pub mod v1 {
+            tonic::include_proto!("bfb.sim.v1");
+        }
+    }
+}
+
+/// The contracts of the services bfb calls.
+pub mod downstream {
+    pub mod profile {
+        pub mod v1 {
+            tonic::include_proto!("downstream.profile.v1");
+        }
+    }
+    pub mod favorites {
+        pub mod v1 {
+            tonic::include_proto!("downstream.favorites.v1");
+        }
+    }
+    pub mod reviews {
+        pub mod v1 {
+            tonic::include_proto!("downstream.reviews.v1");
+        }
+    }
+    pub mod orders {
+        pub mod v1 {
+            tonic::include_proto!("downstream.orders.v1");
+        }
+    }
+    pub mod calls {
+        pub mod v1 {
+            tonic::include_proto!("downstream.calls.v1");
+        }
+    }
+    pub mod emails {
+        pub mod v1 {
+            tonic::include_proto!("downstream.emails.v1");
+        }
+    }
+    pub mod sms {
+        pub mod v1 {
+            tonic::include_proto!("downstream.sms.v1");
+        }
+    }
+    pub mod directory {
+        pub mod v1 {
+            tonic::include_proto!("downstream.directory.v1");
+        }
+    }
+}

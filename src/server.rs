@@ -1,0 +1,112 @@
+//! bfb's gRPC server: the public API versions, health and reflection on one
+//! listener. [`serve`] takes a bound listener and a shutdown future so tests
+//! run the real server on port 0.
+
+use std::{future::Future, sync::Arc};
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{server::NamedService, transport::Server};
+use tonic_health::ServingStatus;
+
+use crate::{
+    api::{activity_v1::ActivityV1, customer_v1::CustomerV1},
+    config::Config,
+    downstream::EndpointError,
+    engine::Engine,
+    pb::{
+        self,
+        bfb::{
+            activity::v1::user_activity_service_server::UserActivityServiceServer,
+            customer::v1::customer_aggregate_service_server::CustomerAggregateServiceServer,
+        },
+    },
+};
+
+/// The gRPC health service's name.
+pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// Why a server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A downstream endpoint is unusable.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The reflection descriptors could not be loaded.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Reflection services (`grpc.reflection.v1` and `v1alpha`) that list the
+/// `served` services (plus health and reflection) and describe them with
+/// their proto comments.
+pub fn reflection(
+    served: &[&'static str],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let builder = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc error details, so grpcurl can decode them too.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(HEALTH_SERVICE)
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for name in served {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
+    Ok((builder().build_v1()?, builder().build_v1alpha()?))
+}
+
+/// Serves bfb on `listener` until `shutdown` completes.
+pub async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let engine = Arc::new(Engine::new(config)?);
+    let customer_v1 = CustomerAggregateServiceServer::new(CustomerV1::new(engine.clone()));
+    let activity_v1 = UserActivityServiceServer::new(ActivityV1::new(engine));
+
+    let public = [
+        <CustomerAggregateServiceServer<CustomerV1> as NamedService>::NAME,
+        <UserActivityServiceServer<ActivityV1> as NamedService>::NAME,
+    ];
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let (reflection_v1, reflection_v1alpha) = reflection(&public)?;
+    // The listener is bound already, so the public services can report
+    // SERVING before the first connection is accepted.
+    health.set_service_status("", ServingStatus::Serving).await;
+    for name in public {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    tracing::info!(addr = ?listener.local_addr().ok(), "bfb serving");
+
+    Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(customer_v1)
+        .add_service(activity_v1)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
