@@ -1,1 +1,238 @@
-fn main() {}
+//! `make bench`: bfb's cost over the floor.
+//!
+//! Starts `bfb sim` and `bfb serve` as separate processes, both pinned to one
+//! core when `taskset` exists (the load generator uses the other), and drives
+//! them over loopback with generated tonic clients:
+//!
+//! 1. concurrency 1, zero sim latency: p50/p99 of a direct call to one sim
+//!    service (the floor) next to GetCustomer with all four components;
+//! 2. closed-loop load at concurrency 32: throughput and the CPU time the bfb
+//!    process spends per GetCustomer (read from /proc);
+//! 3. sim latency 10 ms: p50 of the direct call next to GetCustomer.
+//!
+//! Set `BENCH_SECS` to change the length of each load phase (default 5).
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use bfb::pb::{
+    bfb::customer::v1::{
+        GetCustomerRequest, customer_aggregate_service_client::CustomerAggregateServiceClient,
+    },
+    downstream::profile::v1::{GetProfileRequest, profile_service_client::ProfileServiceClient},
+};
+use hdrhistogram::Histogram;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+use tonic::transport::Channel;
+
+const BFB: &str = env!("CARGO_BIN_EXE_bfb");
+
+type Boxed = Box<dyn std::error::Error>;
+
+/// Spawns `bfb ARGS` (pinned to core 1 when possible) and reads the address
+/// it prints.
+async fn spawn(args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
+    let pinned = std::process::Command::new("taskset")
+        .arg("-V")
+        .output()
+        .is_ok();
+    let mut cmd = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1", BFB]);
+        c
+    } else {
+        Command::new(BFB)
+    };
+    let mut child = cmd
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    BufReader::new(stdout).read_line(&mut line).await?;
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .ok_or("no address")?
+        .parse()?;
+    Ok((child, addr))
+}
+
+async fn start(sim_latency: &str) -> Result<(Child, Child, SocketAddr, SocketAddr), Boxed> {
+    let (sim, sim_addr) =
+        spawn(&["sim", "--listen", "127.0.0.1:0", "--latency", sim_latency]).await?;
+    let config = bfb::config::EXAMPLE
+        .replace("http://127.0.0.1:50061", &format!("http://{sim_addr}"))
+        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"");
+    let path = std::env::temp_dir().join(format!("bfb-bench-{}.toml", std::process::id()));
+    std::fs::write(&path, config)?;
+    let (bfb, bfb_addr) = spawn(&["serve", "--config", path.to_str().ok_or("path")?]).await?;
+    Ok((sim, bfb, sim_addr, bfb_addr))
+}
+
+async fn channel(addr: SocketAddr) -> Result<Channel, Boxed> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// CPU time (user + system) a process has used so far.
+fn cpu_time(child: &Child) -> Option<Duration> {
+    let pid = child.id()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports these in USER_HZ, which is 100 on every mainstream platform.
+    Some(Duration::from_millis(ticks * 10))
+}
+
+#[derive(Clone)]
+enum Target {
+    Direct(ProfileServiceClient<Channel>),
+    Bfb(CustomerAggregateServiceClient<Channel>),
+}
+
+impl Target {
+    async fn call(&mut self, i: u64) -> Result<(), tonic::Status> {
+        let id = format!("c-{}", i % 10_000 + 1);
+        match self {
+            Target::Direct(c) => c
+                .get_profile(GetProfileRequest { customer_id: id })
+                .await
+                .map(drop),
+            Target::Bfb(c) => c
+                .get_customer(GetCustomerRequest {
+                    customer_id: id,
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        }
+    }
+}
+
+/// `n` calls one after another; the latency histogram in µs.
+async fn sequential(target: &mut Target, n: u64) -> Result<Histogram<u64>, Boxed> {
+    let mut h = Histogram::new(3)?;
+    for i in 0..n {
+        let t = Instant::now();
+        target.call(i).await?;
+        h.record(t.elapsed().as_micros() as u64)?;
+    }
+    Ok(h)
+}
+
+/// Closed loop at `concurrency` for `secs`: (calls per second, histogram).
+async fn load(target: Target, concurrency: u64, secs: u64) -> Result<(f64, Histogram<u64>), Boxed> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let mut t = target.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+            let mut i = w * 1_000_000;
+            while Instant::now() < end {
+                let s = Instant::now();
+                t.call(i).await.map_err(|e| e.to_string())?;
+                h.record(s.elapsed().as_micros() as u64)
+                    .map_err(|e| e.to_string())?;
+                i += 1;
+            }
+            Ok::<_, String>(h)
+        }));
+    }
+    let mut all = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        all.add(t.await??)?;
+    }
+    Ok((all.len() as f64 / secs as f64, all))
+}
+
+fn row(name: &str, h: &Histogram<u64>) {
+    println!(
+        "  {name:<34} p50 {:>7} µs   p99 {:>7} µs   ({} calls)",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.len()
+    );
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Boxed> {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    println!(
+        "bfb fan-out bench (sim and bfb pinned to core 1 when taskset exists; client on this thread)"
+    );
+
+    let (_sim, bfb, sim_addr, bfb_addr) = start("0ms").await?;
+    let mut direct = Target::Direct(ProfileServiceClient::new(channel(sim_addr).await?));
+    let mut agg = Target::Bfb(CustomerAggregateServiceClient::new(
+        channel(bfb_addr).await?,
+    ));
+    // Warm up connections and caches.
+    sequential(&mut direct, 500).await?;
+    sequential(&mut agg, 500).await?;
+
+    println!("\n1. concurrency 1, sim latency 0");
+    let d = sequential(&mut direct, 5_000).await?;
+    let a = sequential(&mut agg, 5_000).await?;
+    row("direct GetProfile (floor)", &d);
+    row("bfb GetCustomer (4 downstreams)", &a);
+    println!(
+        "  added p50: {} µs",
+        a.value_at_quantile(0.5) as i64 - d.value_at_quantile(0.5) as i64
+    );
+
+    println!("\n2. load, concurrency 32, {secs} s each, sim latency 0");
+    let (rate_d, hd) = load(direct.clone(), 32, secs).await?;
+    let before = cpu_time(&bfb);
+    let (rate_a, ha) = load(agg.clone(), 32, secs).await?;
+    let after = cpu_time(&bfb);
+    println!(
+        "  direct GetProfile:   {rate_d:>9.0} calls/s   p99 {:>6} µs",
+        hd.value_at_quantile(0.99)
+    );
+    println!(
+        "  bfb GetCustomer:     {rate_a:>9.0} calls/s   p99 {:>6} µs",
+        ha.value_at_quantile(0.99)
+    );
+    if let (Some(b), Some(a)) = (before, after) {
+        let per_call = (a - b).as_secs_f64() * 1e6 / (rate_a * secs as f64);
+        println!("  bfb process CPU per GetCustomer: {per_call:.1} µs");
+    }
+    drop(bfb);
+
+    println!("\n3. concurrency 1, every sim service at 10 ms");
+    let (_sim, _bfb, sim_addr, bfb_addr) = start("10ms").await?;
+    let mut direct = Target::Direct(ProfileServiceClient::new(channel(sim_addr).await?));
+    let mut agg = Target::Bfb(CustomerAggregateServiceClient::new(
+        channel(bfb_addr).await?,
+    ));
+    sequential(&mut direct, 20).await?;
+    sequential(&mut agg, 20).await?;
+    let d = sequential(&mut direct, 300).await?;
+    let a = sequential(&mut agg, 300).await?;
+    row("direct GetProfile (one downstream)", &d);
+    row("bfb GetCustomer (4 downstreams)", &a);
+    println!(
+        "  p50 ratio: {:.3}",
+        a.value_at_quantile(0.5) as f64 / d.value_at_quantile(0.5) as f64
+    );
+    Ok(())
+}

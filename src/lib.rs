@@ -1,3 +1,31 @@
+//! bfb — a Backend-for-Backend: one gRPC call returns a complete, versioned
+//! aggregate of a domain whose data lives in several downstream services.
+//!
+//! # Layout
+//!
+//! A request flows top to bottom through these modules:
+//!
+//! - [`server`]: the tonic server: public API versions, health, reflection on
+//!   one listener; `serve(config, listener, shutdown)`.
+//! - [`api`]: one thin adapter per contract version (`customer_v1`,
+//!   `activity_v1`): validate the request, call the engine, shape the answer.
+//! - [`engine`]: the fan-out engine shared by every version: which downstream
+//!   calls to make, concurrently, under the caller's [`engine::Deadline`], and
+//!   how required and optional components fail (`customer`, `activity`).
+//! - [`downstream`]: the typed clients of the downstream services and the one
+//!   function every downstream call goes through (budget, timeout, error
+//!   classification).
+//! - [`error`]: the request error type and its single mapping to
+//!   `tonic::Status` with `google.rpc` details.
+//! - [`component`]: the components of the aggregates and read-mask parsing.
+//! - [`config`]: the typed TOML configuration, validated at load.
+//! - [`sim`]: `bfb sim`, the simulated downstream services with run-time
+//!   fault injection (`SimControl`).
+//! - [`demo`]: `bfb demo`, the sim and bfb in one process.
+//! - [`pb`]: code generated from `proto/` and the reflection descriptors.
+
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod component;
 pub mod config;

@@ -58,7 +58,7 @@ struct SimArgs {
     /// `all`, or a comma-separated list of: profile, favorites, reviews,
     /// orders, calls, emails, sms, directory.
     #[arg(long, default_value = "all", value_parser = parse_services)]
-    services: Vec<Component>,
+    services: ServiceList,
     /// Number of customers (c-1..c-N).
     #[arg(long, default_value_t = 10_000)]
     customers: u64,
@@ -82,9 +82,13 @@ struct SimArgs {
     error_code: i32,
 }
 
-fn parse_services(s: &str) -> Result<Vec<Component>, String> {
+/// The `--services` list (a newtype: clap reads a bare `Vec` as repeated flags).
+#[derive(Clone)]
+struct ServiceList(Vec<Component>);
+
+fn parse_services(s: &str) -> Result<ServiceList, String> {
     if s == "all" {
-        return Ok(Component::ALL.to_vec());
+        return Ok(ServiceList(Component::ALL.to_vec()));
     }
     s.split(',')
         .map(|name| {
@@ -95,7 +99,8 @@ fn parse_services(s: &str) -> Result<Vec<Component>, String> {
                 )
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()
+        .map(ServiceList)
 }
 
 async fn shutdown_signal() {
@@ -158,6 +163,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
             let listener = TcpListener::bind(config.listen).await?;
+            // Scripts and benches start bfb on port 0 and read the address from here.
+            println!("bfb listening on {}", listener.local_addr()?);
             bfb::server::serve(&config, listener, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -171,7 +178,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 }
             }
             let config = SimConfig {
-                services: args.services,
+                services: args.services.0,
                 data: Dataset {
                     customers: args.customers,
                     users: args.users,

@@ -159,10 +159,10 @@ fn classify(component: Component, status: &Status, caller_bound: bool) -> CallEr
     tracing::debug!(%component, code = ?status.code(), message = status.message(), "downstream call failed");
     CallError::Failed(match status.code() {
         Code::NotFound => return CallError::NotFound,
-        Code::DeadlineExceeded => timeout_reason(caller_bound),
-        Code::Unavailable | Code::Cancelled | Code::ResourceExhausted | Code::Aborted => {
-            Reason::Unavailable
-        }
+        // tonic servers answer CANCELLED ("Timeout expired") when the
+        // grpc-timeout bfb sent runs out, often just before bfb's own timer.
+        Code::DeadlineExceeded | Code::Cancelled => timeout_reason(caller_bound),
+        Code::Unavailable | Code::ResourceExhausted | Code::Aborted => Reason::Unavailable,
         Code::Internal | Code::Unknown | Code::DataLoss => Reason::DownstreamError,
         Code::Ok
         | Code::InvalidArgument

