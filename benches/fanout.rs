@@ -101,7 +101,8 @@ fn cpu_time(child: &Child) -> Option<Duration> {
 #[derive(Clone)]
 enum Target {
     Direct(ProfileServiceClient<Channel>),
-    Bfb(CustomerAggregateServiceClient<Channel>),
+    /// GetCustomer with this read mask (empty: all four components).
+    Bfb(CustomerAggregateServiceClient<Channel>, &'static [&'static str]),
 }
 
 impl Target {
@@ -112,9 +113,12 @@ impl Target {
                 .get_profile(GetProfileRequest { customer_id: id })
                 .await
                 .map(drop),
-            Target::Bfb(c) => c
+            Target::Bfb(c, paths) => c
                 .get_customer(GetCustomerRequest {
                     customer_id: id,
+                    read_mask: Some(prost_types::FieldMask {
+                        paths: paths.iter().map(|p| p.to_string()).collect(),
+                    }),
                     ..Default::default()
                 })
                 .await
@@ -182,17 +186,20 @@ async fn main() -> Result<(), Boxed> {
 
     let (_sim, bfb, sim_addr, bfb_addr) = start("0ms").await?;
     let mut direct = Target::Direct(ProfileServiceClient::new(channel(sim_addr).await?));
-    let mut agg = Target::Bfb(CustomerAggregateServiceClient::new(
-        channel(bfb_addr).await?,
-    ));
+    let bfb_client = CustomerAggregateServiceClient::new(channel(bfb_addr).await?);
+    let mut agg = Target::Bfb(bfb_client.clone(), &[]);
+    let mut one = Target::Bfb(bfb_client, &["profile"]);
     // Warm up connections and caches.
     sequential(&mut direct, 500).await?;
     sequential(&mut agg, 500).await?;
+    sequential(&mut one, 500).await?;
 
     println!("\n1. concurrency 1, sim latency 0");
     let d = sequential(&mut direct, 5_000).await?;
     let a = sequential(&mut agg, 5_000).await?;
+    let o = sequential(&mut one, 5_000).await?;
     row("direct GetProfile (floor)", &d);
+    row("bfb GetCustomer (profile only)", &o);
     row("bfb GetCustomer (4 downstreams)", &a);
     println!(
         "  added p50: {} µs",
@@ -202,6 +209,8 @@ async fn main() -> Result<(), Boxed> {
     println!("\n2. load, concurrency 32, {secs} s each, sim latency 0");
     let (rate_d, hd) = load(direct.clone(), 32, secs).await?;
     let before = cpu_time(&bfb);
+    let (rate_o, _) = load(one.clone(), 32, secs).await?;
+    let middle = cpu_time(&bfb);
     let (rate_a, ha) = load(agg.clone(), 32, secs).await?;
     let after = cpu_time(&bfb);
     println!(
@@ -212,18 +221,20 @@ async fn main() -> Result<(), Boxed> {
         "  bfb GetCustomer:     {rate_a:>9.0} calls/s   p99 {:>6} µs",
         ha.value_at_quantile(0.99)
     );
-    if let (Some(b), Some(a)) = (before, after) {
-        let per_call = (a - b).as_secs_f64() * 1e6 / (rate_a * secs as f64);
-        println!("  bfb process CPU per GetCustomer: {per_call:.1} µs");
+    if let (Some(b), Some(m), Some(a)) = (before, middle, after) {
+        let per = |cpu: Duration, rate: f64| cpu.as_secs_f64() * 1e6 / (rate * secs as f64);
+        println!("  bfb process CPU per GetCustomer, 4 components: {:.1} µs", per(a - m, rate_a));
+        println!("  bfb process CPU per GetCustomer, profile only: {:.1} µs ({rate_o:.0} calls/s)", per(m - b, rate_o));
     }
     drop(bfb);
 
     println!("\n3. concurrency 1, every sim service at 10 ms");
     let (_sim, _bfb, sim_addr, bfb_addr) = start("10ms").await?;
     let mut direct = Target::Direct(ProfileServiceClient::new(channel(sim_addr).await?));
-    let mut agg = Target::Bfb(CustomerAggregateServiceClient::new(
-        channel(bfb_addr).await?,
-    ));
+    let mut agg = Target::Bfb(
+        CustomerAggregateServiceClient::new(channel(bfb_addr).await?),
+        &[],
+    );
     sequential(&mut direct, 20).await?;
     sequential(&mut agg, 20).await?;
     let d = sequential(&mut direct, 300).await?;
