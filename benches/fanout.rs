@@ -102,7 +102,10 @@ fn cpu_time(child: &Child) -> Option<Duration> {
 enum Target {
     Direct(ProfileServiceClient<Channel>),
     /// GetCustomer with this read mask (empty: all four components).
-    Bfb(CustomerAggregateServiceClient<Channel>, &'static [&'static str]),
+    Bfb(
+        CustomerAggregateServiceClient<Channel>,
+        &'static [&'static str],
+    ),
 }
 
 impl Target {
@@ -223,8 +226,14 @@ async fn main() -> Result<(), Boxed> {
     );
     if let (Some(b), Some(m), Some(a)) = (before, middle, after) {
         let per = |cpu: Duration, rate: f64| cpu.as_secs_f64() * 1e6 / (rate * secs as f64);
-        println!("  bfb process CPU per GetCustomer, 4 components: {:.1} µs", per(a - m, rate_a));
-        println!("  bfb process CPU per GetCustomer, profile only: {:.1} µs ({rate_o:.0} calls/s)", per(m - b, rate_o));
+        println!(
+            "  bfb process CPU per GetCustomer, 4 components: {:.1} µs",
+            per(a - m, rate_a)
+        );
+        println!(
+            "  bfb process CPU per GetCustomer, profile only: {:.1} µs ({rate_o:.0} calls/s)",
+            per(m - b, rate_o)
+        );
     }
     drop(bfb);
 

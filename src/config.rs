@@ -14,28 +14,42 @@ use crate::component::{Component, ComponentSet, names};
 /// `bfb sim`'s default address.
 pub const EXAMPLE: &str = include_str!("../config/bfb.example.toml");
 
-/// bfb's whole configuration.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// bfb's whole configuration, validated.
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
     /// How long a call may take overall.
-    #[serde(default)]
     pub deadlines: Deadlines,
+    /// Inbound protection and HTTP/2 limits.
+    pub server: ServerSettings,
     /// Which components each aggregate needs.
-    #[serde(default)]
     pub aggregates: Aggregates,
-    /// Settings every downstream gets unless its own section overrides them.
+    /// Every downstream's settings, `downstream_defaults` merged with its own section.
+    pub downstreams: BTreeMap<Component, DownstreamSettings>,
+}
+
+/// The file as written. Downstream sections stay raw TOML tables until each
+/// is merged over `downstream_defaults`, so a section can override any key,
+/// however deep, and the result is still checked by one typed struct.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: SocketAddr,
     #[serde(default)]
-    pub downstream_defaults: DownstreamDefaults,
-    /// One section per downstream service, keyed by component name.
-    pub downstreams: BTreeMap<String, DownstreamSection>,
+    deadlines: Deadlines,
+    #[serde(default)]
+    server: ServerSettings,
+    #[serde(default)]
+    aggregates: Aggregates,
+    #[serde(default)]
+    downstream_defaults: toml::Table,
+    downstreams: BTreeMap<String, toml::Table>,
 }
 
 /// Deadline handling for inbound calls.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct Deadlines {
     /// Deadline for a call whose caller sent no `grpc-timeout`.
     #[serde(with = "humantime_serde")]
@@ -60,6 +74,57 @@ impl Default for Deadlines {
             max: Duration::from_secs(30),
             reserve: Duration::from_millis(3),
             min_call_budget: Duration::from_millis(2),
+        }
+    }
+}
+
+/// Inbound protection. tonic leaves several HTTP/2 limits unset (unlimited);
+/// bfb sets every one of them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// RPCs bfb handles at once, over all connections. Beyond it calls are
+    /// rejected at once with RESOURCE_EXHAUSTED and RetryInfo (health checks
+    /// are exempt).
+    pub max_concurrent_rpcs: usize,
+    /// How long a caller should wait before retrying a shed call.
+    #[serde(with = "humantime_serde")]
+    pub shed_retry_after: Duration,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, bytes.
+    pub max_header_list_size: u32,
+    /// Streams a client may open and reset before bfb accepts them, per
+    /// connection (the HTTP/2 rapid-reset defence).
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams bfb may reset because of client errors before it closes the
+    /// connection.
+    pub max_local_error_reset_streams: usize,
+    /// Interval of HTTP/2 keepalive pings to idle clients.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    /// How long a keepalive ping may go unanswered before the connection closes.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    /// Largest request message accepted, bytes; larger ones get RESOURCE_EXHAUSTED.
+    pub max_request_bytes: usize,
+    /// Largest downstream response message accepted, bytes.
+    pub max_downstream_response_bytes: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            max_concurrent_rpcs: 1000,
+            shed_retry_after: Duration::from_millis(100),
+            max_concurrent_streams: 256,
+            max_header_list_size: 16 * 1024,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 256,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_request_bytes: 64 * 1024,
+            max_downstream_response_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -94,50 +159,138 @@ pub struct AggregateSection {
     pub required: Vec<String>,
 }
 
-/// Defaults for every downstream.
+/// One downstream's settings: `downstream_defaults` with its own section
+/// merged over them.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DownstreamDefaults {
-    /// Longest a single call to the downstream may take.
-    #[serde(with = "humantime_serde")]
+pub struct DownstreamSettings {
+    /// `http://host:port` of the service.
+    pub endpoint: String,
+    /// Longest a single attempt may take.
+    #[serde(with = "humantime_serde", default = "default_timeout")]
     pub timeout: Duration,
-    /// Longest a TCP connect to the downstream may take.
-    #[serde(with = "humantime_serde")]
+    /// Longest a TCP connect may take.
+    #[serde(with = "humantime_serde", default = "default_timeout")]
     pub connect_timeout: Duration,
+    /// Bulkhead: calls in flight to this downstream at once; more are
+    /// rejected at once (BULKHEAD_FULL).
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// The circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerSettings,
+    /// Retries of UNAVAILABLE answers.
+    #[serde(default)]
+    pub retry: RetrySettings,
+    /// Hedged requests (off by default).
+    #[serde(default)]
+    pub hedge: HedgeSettings,
 }
 
-impl Default for DownstreamDefaults {
+fn default_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_max_concurrency() -> usize {
+    100
+}
+
+/// Circuit breaker over a count-based sliding window of recent calls.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Number of recent calls the rates are computed over.
+    pub window: usize,
+    /// Calls the window must hold before the breaker may open.
+    pub min_calls: usize,
+    /// Opens when this fraction of the window failed.
+    pub failure_rate: f64,
+    /// Opens when this fraction of the window was slower than `slow_call`.
+    pub slow_call_rate: f64,
+    /// A call that took at least this long is slow.
+    #[serde(with = "humantime_serde")]
+    pub slow_call: Duration,
+    /// How long the breaker stays open before probing.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+    /// Calls let through while half-open; all must succeed to close.
+    pub half_open_probes: usize,
+}
+
+impl Default for BreakerSettings {
     fn default() -> Self {
-        DownstreamDefaults {
-            timeout: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(1),
+        BreakerSettings {
+            window: 50,
+            min_calls: 20,
+            failure_rate: 0.5,
+            slow_call_rate: 1.0,
+            slow_call: Duration::from_secs(1),
+            open_for: Duration::from_secs(5),
+            half_open_probes: 3,
         }
     }
 }
 
-/// One downstream's section; unset fields take `downstream_defaults`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DownstreamSection {
-    /// `http://host:port` of the service.
-    pub endpoint: String,
-    /// Overrides `downstream_defaults.timeout`.
-    #[serde(default, with = "humantime_serde")]
-    pub timeout: Option<Duration>,
-    /// Overrides `downstream_defaults.connect_timeout`.
-    #[serde(default, with = "humantime_serde")]
-    pub connect_timeout: Option<Duration>,
+/// Retries of reads that failed with UNAVAILABLE, under a budget.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// Attempts per call, the first included (1 turns retries off).
+    pub max_attempts: u32,
+    /// Backoff before the first retry; doubled for each further one, with
+    /// full jitter.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Upper bound of the backoff.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Retries (and hedges) allowed as a fraction of calls (0.2 = 20 %).
+    pub budget_percent: f32,
+    /// Retries per second allowed whatever the call rate (the floor).
+    pub budget_min_per_sec: u32,
+    /// Window the budget is computed over (1 s to 60 s).
+    #[serde(with = "humantime_serde")]
+    pub budget_ttl: Duration,
 }
 
-/// A downstream's settings with the defaults applied.
-#[derive(Debug, Clone)]
-pub struct DownstreamSettings {
-    /// `http://host:port` of the service.
-    pub endpoint: String,
-    /// Longest a single call may take.
-    pub timeout: Duration,
-    /// Longest a TCP connect may take.
-    pub connect_timeout: Duration,
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(200),
+            budget_percent: 0.2,
+            budget_min_per_sec: 1,
+            budget_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Hedging: a second copy of a slow read, sent after the downstream's
+/// observed latency percentile.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HedgeSettings {
+    /// Whether to hedge at all.
+    pub enabled: bool,
+    /// Latency percentile after which the copy is sent (0.95 = p95).
+    pub percentile: f64,
+    /// Successful calls observed before hedging starts.
+    pub min_samples: usize,
+    /// Never hedge sooner than this.
+    #[serde(with = "humantime_serde")]
+    pub min_delay: Duration,
+}
+
+impl Default for HedgeSettings {
+    fn default() -> Self {
+        HedgeSettings {
+            enabled: false,
+            percentile: 0.95,
+            min_samples: 100,
+            min_delay: Duration::from_millis(1),
+        }
+    }
 }
 
 /// One thing wrong with a config: where, and what to change.
@@ -174,6 +327,31 @@ pub enum ConfigError {
     Invalid(Vec<Problem>),
 }
 
+/// Collects problems with their paths.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn positive(&mut self, path: impl Into<String>, v: Duration) {
+        if v.is_zero() {
+            self.add(path, "must be more than 0");
+        }
+    }
+
+    fn fraction(&mut self, path: impl Into<String>, v: f64) {
+        if !(0.0..=1.0).contains(&v) {
+            self.add(path, "must be between 0 and 1");
+        }
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -184,40 +362,77 @@ impl Config {
         Config::parse(&text)
     }
 
-    /// Parses and validates config text.
-    pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let problems = config.problems();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid(problems))
-        }
-    }
-
     /// The embedded default config (a unit test keeps it valid).
     pub fn example() -> Result<Config, ConfigError> {
         Config::parse(EXAMPLE)
     }
 
-    /// Every problem with this config.
-    pub fn problems(&self) -> Vec<Problem> {
-        let mut out = Vec::new();
-        let mut problem = |path: &str, message: String| {
-            out.push(Problem {
-                path: path.to_string(),
-                message,
-            })
-        };
-        let d = &self.deadlines;
-        if d.default.is_zero() {
-            problem(
-                "deadlines.default",
-                "must be more than 0, e.g. \"2s\"".into(),
-            );
+    /// Parses and validates config text: every problem is reported at once.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut problems = Problems::default();
+        let mut downstreams = BTreeMap::new();
+        for (name, section) in raw.downstreams {
+            let path = format!("downstreams.{name}");
+            let Some(component) = Component::from_name(&name) else {
+                problems.add(
+                    path,
+                    format!(
+                        "unknown downstream; expected one of: {}",
+                        names(&Component::ALL)
+                    ),
+                );
+                continue;
+            };
+            let mut merged = raw.downstream_defaults.clone();
+            merge(&mut merged, section);
+            match DownstreamSettings::deserialize(toml::Value::Table(merged)) {
+                Ok(settings) => {
+                    downstreams.insert(component, settings);
+                }
+                Err(e) => problems.add(path, e.to_string().trim().to_string()),
+            }
         }
+        for c in Component::ALL {
+            if !downstreams.contains_key(&c)
+                && !problems
+                    .0
+                    .iter()
+                    .any(|p| p.path == format!("downstreams.{c}"))
+            {
+                problems.add(
+                    format!("downstreams.{c}"),
+                    format!("missing; add a [downstreams.{c}] section with an endpoint"),
+                );
+            }
+        }
+        let config = Config {
+            listen: raw.listen,
+            deadlines: raw.deadlines,
+            server: raw.server,
+            aggregates: raw.aggregates,
+            downstreams,
+        };
+        config.check(&mut problems);
+        if problems.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems.0))
+        }
+    }
+
+    /// Every problem with this config's values.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems = Problems::default();
+        self.check(&mut problems);
+        problems.0
+    }
+
+    fn check(&self, p: &mut Problems) {
+        let d = &self.deadlines;
+        p.positive("deadlines.default", d.default);
         if d.max < d.default {
-            problem(
+            p.add(
                 "deadlines.max",
                 format!(
                     "must be at least deadlines.default ({})",
@@ -226,11 +441,23 @@ impl Config {
             );
         }
         if d.reserve >= d.default {
-            problem(
+            p.add(
                 "deadlines.reserve",
-                "must be much smaller than deadlines.default, e.g. \"3ms\"".into(),
+                "must be much smaller than deadlines.default, e.g. \"3ms\"",
             );
         }
+        let s = &self.server;
+        if s.max_concurrent_rpcs == 0 {
+            p.add("server.max_concurrent_rpcs", "must be at least 1");
+        }
+        if s.max_concurrent_streams == 0 {
+            p.add("server.max_concurrent_streams", "must be at least 1");
+        }
+        if s.max_request_bytes < 1024 {
+            p.add("server.max_request_bytes", "must be at least 1024");
+        }
+        p.positive("server.keepalive_interval", s.keepalive_interval);
+        p.positive("server.keepalive_timeout", s.keepalive_timeout);
         for (path, section, allowed) in [
             (
                 "aggregates.customer.required",
@@ -250,7 +477,7 @@ impl Config {
         ] {
             for name in &section.required {
                 if !allowed.iter().any(|c| c.name() == name) {
-                    problem(
+                    p.add(
                         path,
                         format!(
                             "unknown component {name:?}; expected any of: {}",
@@ -260,70 +487,90 @@ impl Config {
                 }
             }
         }
-        let defaults = &self.downstream_defaults;
-        for (path, v) in [
-            ("downstream_defaults.timeout", defaults.timeout),
-            (
-                "downstream_defaults.connect_timeout",
-                defaults.connect_timeout,
-            ),
-        ] {
-            if v.is_zero() {
-                problem(path, "must be more than 0, e.g. \"1s\"".into());
+        for (c, ds) in &self.downstreams {
+            let path = |key: &str| format!("downstreams.{c}.{key}");
+            if let Err(why) = check_endpoint(&ds.endpoint) {
+                p.add(path("endpoint"), why);
             }
-        }
-        for c in Component::ALL {
-            if !self.downstreams.contains_key(c.name()) {
-                problem(
-                    &format!("downstreams.{c}"),
-                    format!("missing; add a [downstreams.{c}] section with an endpoint"),
+            p.positive(path("timeout"), ds.timeout);
+            p.positive(path("connect_timeout"), ds.connect_timeout);
+            if ds.max_concurrency == 0 {
+                p.add(path("max_concurrency"), "must be at least 1");
+            }
+            let b = &ds.breaker;
+            if b.window == 0 || b.min_calls == 0 || b.min_calls > b.window {
+                p.add(
+                    path("breaker.min_calls"),
+                    "must be between 1 and breaker.window",
                 );
             }
-        }
-        for (name, section) in &self.downstreams {
-            let path = format!("downstreams.{name}");
-            if Component::from_name(name).is_none() {
-                problem(
-                    &path,
-                    format!(
-                        "unknown downstream; expected one of: {}",
-                        names(&Component::ALL)
-                    ),
+            p.fraction(path("breaker.failure_rate"), b.failure_rate);
+            p.fraction(path("breaker.slow_call_rate"), b.slow_call_rate);
+            p.positive(path("breaker.open_for"), b.open_for);
+            if b.half_open_probes == 0 {
+                p.add(path("breaker.half_open_probes"), "must be at least 1");
+            }
+            let r = &ds.retry;
+            if !(1..=10).contains(&r.max_attempts) {
+                p.add(path("retry.max_attempts"), "must be between 1 and 10");
+            }
+            if r.max_backoff < r.initial_backoff {
+                p.add(
+                    path("retry.max_backoff"),
+                    "must be at least retry.initial_backoff",
                 );
             }
-            if let Err(why) = check_endpoint(&section.endpoint) {
-                problem(&format!("{path}.endpoint"), why);
+            // tower's TpsBudget panics outside these ranges; refuse them here.
+            if !(0.0..=1000.0).contains(&r.budget_percent) {
+                p.add(path("retry.budget_percent"), "must be between 0 and 1000");
             }
-            for (key, v) in [
-                ("timeout", section.timeout),
-                ("connect_timeout", section.connect_timeout),
-            ] {
-                if v.is_some_and(|v| v.is_zero()) {
-                    problem(&format!("{path}.{key}"), "must be more than 0".into());
-                }
+            if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&r.budget_ttl) {
+                p.add(path("retry.budget_ttl"), "must be between 1s and 60s");
+            }
+            if r.budget_min_per_sec > 1_000_000 {
+                p.add(path("retry.budget_min_per_sec"), "must be at most 1000000");
+            }
+            let h = &ds.hedge;
+            if !(h.percentile > 0.0 && h.percentile < 1.0) {
+                p.add(
+                    path("hedge.percentile"),
+                    "must be between 0 and 1, e.g. 0.95",
+                );
+            }
+            if h.min_samples == 0 {
+                p.add(path("hedge.min_samples"), "must be at least 1");
             }
         }
-        out
     }
 
-    /// A downstream's settings with defaults applied. Validation guarantees
-    /// every component has a section.
-    pub fn downstream(&self, c: Component) -> Option<DownstreamSettings> {
-        let s = self.downstreams.get(c.name())?;
-        let d = &self.downstream_defaults;
-        Some(DownstreamSettings {
-            endpoint: s.endpoint.clone(),
-            timeout: s.timeout.unwrap_or(d.timeout),
-            connect_timeout: s.connect_timeout.unwrap_or(d.connect_timeout),
-        })
+    /// A downstream's settings.
+    pub fn downstream(&self, c: Component) -> Option<&DownstreamSettings> {
+        self.downstreams.get(&c)
     }
 
     /// Replaces every downstream endpoint (the demo points them at its own sim).
     pub fn with_all_endpoints(mut self, endpoint: &str) -> Config {
-        for section in self.downstreams.values_mut() {
-            section.endpoint = endpoint.to_string();
+        for settings in self.downstreams.values_mut() {
+            settings.endpoint = endpoint.to_string();
         }
         self
+    }
+
+    /// A downstream's settings, mutable (tests adjust them).
+    pub fn downstream_mut(&mut self, c: Component) -> Option<&mut DownstreamSettings> {
+        self.downstreams.get_mut(&c)
+    }
+}
+
+/// Merges `over` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
     }
 }
 
@@ -358,7 +605,6 @@ mod tests {
     #[test]
     fn example_config_is_valid() {
         let c = Config::parse(EXAMPLE).expect("example parses");
-        assert!(c.problems().is_empty());
         for comp in Component::ALL {
             assert!(c.downstream(comp).is_some(), "{comp} missing");
         }
@@ -381,7 +627,13 @@ mod tests {
             endpoint = "ftp://x:1"
             [downstreams.bogus]
             endpoint = "http://127.0.0.1:1"
+            [downstreams.orders]
+            endpoint = "http://127.0.0.1:1"
             timeout = "0s"
+            retry = { budget_ttl = "2m" }
+            [downstreams.reviews]
+            endpoint = "http://127.0.0.1:1"
+            breaker = { windw = 3 }
         "#;
         let Err(ConfigError::Invalid(problems)) = Config::parse(text) else {
             panic!("expected problems");
@@ -391,8 +643,10 @@ mod tests {
         assert!(paths.contains(&"aggregates.customer.required"));
         assert!(paths.contains(&"downstreams.profile.endpoint"));
         assert!(paths.contains(&"downstreams.bogus"));
-        assert!(paths.contains(&"downstreams.bogus.timeout"));
-        assert!(paths.contains(&"downstreams.orders"));
+        assert!(paths.contains(&"downstreams.orders.timeout"));
+        assert!(paths.contains(&"downstreams.orders.retry.budget_ttl"));
+        assert!(paths.contains(&"downstreams.reviews"), "{problems:?}");
+        assert!(paths.contains(&"downstreams.calls"));
     }
 
     #[test]
@@ -403,11 +657,21 @@ mod tests {
     }
 
     #[test]
-    fn section_overrides_defaults() {
-        let c = Config::example().expect("example");
+    fn sections_override_defaults_key_by_key() {
+        let text = EXAMPLE.replace(
+            "[downstreams.orders]",
+            "[downstreams.orders]\nmax_concurrency = 7\nbreaker = { open_for = \"9s\" }",
+        );
+        let c = Config::parse(&text).expect("valid");
         let d = c.downstream(Component::Directory).expect("directory");
         assert_eq!(d.timeout, Duration::from_millis(300));
         let p = c.downstream(Component::Profile).expect("profile");
-        assert_eq!(p.timeout, c.downstream_defaults.timeout);
+        assert_eq!(p.timeout, Duration::from_secs(1));
+        let o = c.downstream(Component::Orders).expect("orders");
+        assert_eq!(o.max_concurrency, 7);
+        assert_eq!(o.breaker.open_for, Duration::from_secs(9));
+        // The rest of the breaker section still comes from the defaults.
+        assert_eq!(o.breaker.window, p.breaker.window);
+        assert_eq!(o.breaker.min_calls, 20);
     }
 }

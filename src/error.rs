@@ -35,6 +35,11 @@ pub enum Reason {
     DownstreamRejected,
     /// The downstream's answer was unusable (e.g. a required field missing).
     BadResponse,
+    /// The downstream's circuit breaker is open: it failed recently and is
+    /// not called until its open time has passed.
+    CircuitOpen,
+    /// The downstream's bulkhead is full: too many calls to it in flight.
+    BulkheadFull,
 }
 
 impl Reason {
@@ -48,6 +53,8 @@ impl Reason {
             Reason::DownstreamError => "DOWNSTREAM_ERROR",
             Reason::DownstreamRejected => "DOWNSTREAM_REJECTED",
             Reason::BadResponse => "BAD_RESPONSE",
+            Reason::CircuitOpen => "CIRCUIT_OPEN",
+            Reason::BulkheadFull => "BULKHEAD_FULL",
         }
     }
 
@@ -72,6 +79,15 @@ pub enum Error {
         /// The id the caller sent.
         id: String,
     },
+    /// bfb is at its cap of concurrent RPCs; the call was shed at once.
+    #[error("bfb is overloaded; retry later")]
+    Overloaded {
+        /// Suggested wait before retrying.
+        retry_after: Duration,
+    },
+    /// The call ran out of time in bfb's own hard limit.
+    #[error("deadline exceeded")]
+    DeadlineExceeded,
     /// A component the answer cannot do without failed.
     #[error("component {component} failed: {}", reason.code())]
     Component {
@@ -111,6 +127,16 @@ impl From<Error> for Status {
                 );
                 Status::with_error_details(Code::NotFound, message, details)
             }
+            Error::Overloaded { retry_after } => {
+                let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+                details.set_error_info("OVERLOADED", ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
+            Error::DeadlineExceeded => Status::with_error_details(
+                Code::DeadlineExceeded,
+                message,
+                ErrorDetails::with_error_info("DEADLINE_EXCEEDED", ERROR_DOMAIN, HashMap::new()),
+            ),
             Error::Component { component, reason } => {
                 let code = match reason {
                     r if r.is_caller_deadline() => Code::DeadlineExceeded,
@@ -141,6 +167,8 @@ mod tests {
             (Reason::Timeout, Code::Unavailable, true),
             (Reason::Unavailable, Code::Unavailable, true),
             (Reason::DownstreamError, Code::Unavailable, true),
+            (Reason::CircuitOpen, Code::Unavailable, true),
+            (Reason::BulkheadFull, Code::Unavailable, true),
             (Reason::DeadlineExceeded, Code::DeadlineExceeded, false),
             (Reason::NoBudget, Code::DeadlineExceeded, false),
             (Reason::DownstreamRejected, Code::Internal, false),
@@ -162,6 +190,20 @@ mod tests {
             );
             assert!(status.message().contains("orders"));
         }
+    }
+
+    #[test]
+    fn overload_is_resource_exhausted_with_retry_info() {
+        let status = Status::from(Error::Overloaded {
+            retry_after: Duration::from_millis(100),
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let retry = status.get_details_retry_info().expect("retry info");
+        assert_eq!(retry.retry_delay, Some(Duration::from_millis(100)));
+        assert_eq!(
+            status.get_details_error_info().expect("info").reason,
+            "OVERLOADED"
+        );
     }
 
     #[test]

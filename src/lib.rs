@@ -33,6 +33,8 @@ pub mod demo;
 pub mod downstream;
 pub mod engine;
 pub mod error;
+pub mod inbound;
 pub mod pb;
+pub mod resilience;
 pub mod server;
 pub mod sim;

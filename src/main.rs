@@ -189,6 +189,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     slow_extra: args.slow_extra,
                     error_rate: args.error_rate,
                     error_code: tonic::Code::from_i32(args.error_code),
+                    retry_pushback_ms: None,
                 },
             };
             let listener = TcpListener::bind(args.listen).await?;

@@ -2,7 +2,7 @@
 //! listener. [`serve`] takes a bound listener and a shutdown future so tests
 //! run the real server on port 0.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::{
@@ -16,6 +16,7 @@ use crate::{
     config::Config,
     downstream::EndpointError,
     engine::Engine,
+    inbound::InboundLayer,
     pb::{
         self,
         bfb::{
@@ -90,8 +91,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let engine = Arc::new(Engine::new(config)?);
-    let customer_v1 = CustomerAggregateServiceServer::new(CustomerV1::new(engine.clone()));
-    let activity_v1 = UserActivityServiceServer::new(ActivityV1::new(engine));
+    let max_request = config.server.max_request_bytes;
+    let customer_v1 = CustomerAggregateServiceServer::new(CustomerV1::new(engine.clone()))
+        .max_decoding_message_size(max_request);
+    let activity_v1 = UserActivityServiceServer::new(ActivityV1::new(engine))
+        .max_decoding_message_size(max_request);
 
     let public = [
         <CustomerAggregateServiceServer<CustomerV1> as NamedService>::NAME,
@@ -109,8 +113,24 @@ pub async fn serve(
     }
     tracing::info!(addr = ?listener.local_addr().ok(), "bfb serving");
 
+    let s = &config.server;
+    // A backstop only: handlers answer within the caller's deadline, which is
+    // capped at deadlines.max.
+    let hard_timeout = config.deadlines.max + Duration::from_secs(1);
     Server::builder()
-        .tcp_nodelay(true)
+        // Every HTTP/2 limit set explicitly; tonic leaves some unlimited.
+        .max_concurrent_streams(s.max_concurrent_streams)
+        .http2_max_header_list_size(s.max_header_list_size)
+        .http2_max_pending_accept_reset_streams(Some(s.max_pending_accept_reset_streams))
+        .http2_max_local_error_reset_streams(Some(s.max_local_error_reset_streams))
+        .http2_keepalive_interval(Some(s.keepalive_interval))
+        .http2_keepalive_timeout(Some(s.keepalive_timeout))
+        .layer(InboundLayer::new(
+            s.max_concurrent_rpcs,
+            s.shed_retry_after,
+            hard_timeout,
+            s.max_request_bytes,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

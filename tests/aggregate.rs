@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bfb::{
+    component::Component,
     pb::bfb::{
         activity::v1::{GetUserActivityRequest, TimeWindow},
         common::v1::{Completeness, ComponentState, DataSource},
@@ -474,8 +475,9 @@ async fn downstream_errors_never_pass_through_as_is() {
 #[tokio::test]
 async fn a_slow_downstream_times_out_on_its_own_timeout() {
     let h = start(SimConfig::default(), |c| {
-        c.downstreams.get_mut("reviews").expect("reviews").timeout =
-            Some(Duration::from_millis(50));
+        c.downstream_mut(Component::Reviews)
+            .expect("reviews")
+            .timeout = Duration::from_millis(50);
     })
     .await;
     h.set_behavior(
@@ -523,8 +525,7 @@ async fn an_unreachable_downstream_is_unavailable() {
         .local_addr()
         .expect("addr");
     let h = start(SimConfig::default(), |c| {
-        c.downstreams
-            .get_mut("favorites")
+        c.downstream_mut(Component::Favorites)
             .expect("favorites")
             .endpoint = format!("http://{dead}");
     })

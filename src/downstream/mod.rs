@@ -1,32 +1,50 @@
-//! Clients of the downstream services, and the one function every downstream
-//! call goes through.
+//! The downstream services bfb calls: one [`Downstream`] per service, each a
+//! typed client behind its own resilience stack ([`stack`]).
 //!
 //! Endpoints come only from config. Channels are created lazily (bfb starts
 //! even when a downstream is down) and shared between downstreams that have
-//! the same endpoint, since HTTP/2 multiplexes their calls over one connection.
+//! the same endpoint, since HTTP/2 multiplexes their calls over one
+//! connection; the resilience stacks stay per downstream.
 
-use std::{collections::HashMap, future::Future, time::Duration};
+pub mod stack;
 
-use tonic::{
-    Code, Request, Response, Status,
-    transport::{Channel, Endpoint},
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use tonic::transport::{Channel, Endpoint};
+use tower::{ServiceExt, util::BoxCloneSyncService};
 
 use crate::{
     component::Component,
-    config::Config,
-    engine::deadline::Deadline,
+    config::{Config, DownstreamSettings},
+    engine::Deadline,
     error::Reason,
     pb::downstream::{
-        calls::v1::calls_service_client::CallsServiceClient,
-        directory::v1::directory_service_client::DirectoryServiceClient,
-        emails::v1::emails_service_client::EmailsServiceClient,
-        favorites::v1::favorites_service_client::FavoritesServiceClient,
-        orders::v1::orders_service_client::OrdersServiceClient,
-        profile::v1::profile_service_client::ProfileServiceClient,
-        reviews::v1::reviews_service_client::ReviewsServiceClient,
-        sms::v1::sms_service_client::SmsServiceClient,
+        calls::v1::{
+            ListCallsRequest, ListCallsResponse, calls_service_client::CallsServiceClient,
+        },
+        directory::v1::{
+            BatchGetContactsRequest, BatchGetContactsResponse,
+            directory_service_client::DirectoryServiceClient,
+        },
+        emails::v1::{
+            ListEmailsRequest, ListEmailsResponse, emails_service_client::EmailsServiceClient,
+        },
+        favorites::v1::{
+            ListFavoritesRequest, ListFavoritesResponse,
+            favorites_service_client::FavoritesServiceClient,
+        },
+        orders::v1::{
+            ListOrdersRequest, ListOrdersResponse, orders_service_client::OrdersServiceClient,
+        },
+        profile::v1::{
+            GetProfileRequest, GetProfileResponse, profile_service_client::ProfileServiceClient,
+        },
+        reviews::v1::{
+            ListReviewsRequest, ListReviewsResponse, reviews_service_client::ReviewsServiceClient,
+        },
+        sms::v1::{ListSmsRequest, ListSmsResponse, sms_service_client::SmsServiceClient},
     },
+    resilience::{Call, Failed, breaker::Breaker},
 };
 
 /// How a downstream call failed, as the engine needs to know it.
@@ -38,27 +56,48 @@ pub enum CallError {
     Failed(Reason),
 }
 
-/// One typed client per downstream service, plus each one's call timeout.
-#[derive(Clone)]
+/// One downstream: its resilience stack over a typed client, and the state
+/// operators and tests look at.
+pub struct Downstream<M, T> {
+    stack: BoxCloneSyncService<Call<M>, T, Failed>,
+    breaker: Arc<Breaker>,
+}
+
+impl<M, T> Downstream<M, T> {
+    /// Calls the downstream through its stack within the caller's deadline.
+    pub async fn call(&self, deadline: Deadline, message: M) -> Result<T, CallError> {
+        let call = Call {
+            message,
+            deadline,
+            hedge: false,
+        };
+        self.stack.clone().oneshot(call).await.map_err(|f| f.error)
+    }
+
+    /// The downstream's circuit breaker.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+}
+
+/// Every downstream bfb calls.
 pub struct Downstreams {
     /// The profile service.
-    pub profile: ProfileServiceClient<Channel>,
+    pub profile: Downstream<GetProfileRequest, GetProfileResponse>,
     /// The favorites service.
-    pub favorites: FavoritesServiceClient<Channel>,
+    pub favorites: Downstream<ListFavoritesRequest, ListFavoritesResponse>,
     /// The reviews service.
-    pub reviews: ReviewsServiceClient<Channel>,
+    pub reviews: Downstream<ListReviewsRequest, ListReviewsResponse>,
     /// The orders service.
-    pub orders: OrdersServiceClient<Channel>,
+    pub orders: Downstream<ListOrdersRequest, ListOrdersResponse>,
     /// The calls service.
-    pub calls: CallsServiceClient<Channel>,
+    pub calls: Downstream<ListCallsRequest, ListCallsResponse>,
     /// The emails service.
-    pub emails: EmailsServiceClient<Channel>,
+    pub emails: Downstream<ListEmailsRequest, ListEmailsResponse>,
     /// The sms service.
-    pub sms: SmsServiceClient<Channel>,
+    pub sms: Downstream<ListSmsRequest, ListSmsResponse>,
     /// The directory service.
-    pub directory: DirectoryServiceClient<Channel>,
-    /// Per-call timeout of each downstream, indexed by [`Component::index`].
-    timeouts: [Duration; 8],
+    pub directory: Downstream<BatchGetContactsRequest, BatchGetContactsResponse>,
 }
 
 /// A downstream in the config could not be used.
@@ -77,100 +116,116 @@ pub enum EndpointError {
     },
 }
 
+/// Builds each downstream's typed client over a shared channel and wraps it
+/// in the stack. A macro because the eight differ only in types and method.
+macro_rules! downstream {
+    ($channels:expr, $config:expr, $component:expr, $client:ident, $method:ident) => {{
+        let settings = $config
+            .downstream($component)
+            .ok_or(EndpointError::Missing($component))?;
+        let channel = $channels.get($component, settings)?;
+        let client = $client::new(channel)
+            .max_decoding_message_size($config.server.max_downstream_response_bytes);
+        let rpc = tower::service_fn(move |request| {
+            let mut client = client.clone();
+            async move { client.$method(request).await }
+        });
+        let (stack, breaker) = stack::build(settings, rpc);
+        Downstream { stack, breaker }
+    }};
+}
+
 impl Downstreams {
-    /// Builds clients for every downstream in a validated config. No
-    /// connection is made until the first call.
+    /// Builds every downstream of a validated config. No connection is made
+    /// until the first call.
     pub fn connect_lazy(config: &Config) -> Result<Downstreams, EndpointError> {
-        let mut channels: HashMap<(String, Duration), Channel> = HashMap::new();
-        let mut timeouts = [Duration::ZERO; 8];
-        let mut channel = |c: Component| -> Result<Channel, EndpointError> {
-            let s = config.downstream(c).ok_or(EndpointError::Missing(c))?;
-            timeouts[c.index()] = s.timeout;
-            let key = (s.endpoint.clone(), s.connect_timeout);
-            if let Some(ch) = channels.get(&key) {
-                return Ok(ch.clone());
-            }
-            let ch = Endpoint::from_shared(s.endpoint)
-                .map_err(|source| EndpointError::Invalid {
-                    component: c,
-                    source,
-                })?
-                .connect_timeout(s.connect_timeout)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_timeout(Duration::from_secs(10))
-                .keep_alive_while_idle(false)
-                .connect_lazy();
-            channels.insert(key, ch.clone());
-            Ok(ch)
-        };
+        let mut ch = Channels::default();
         Ok(Downstreams {
-            profile: ProfileServiceClient::new(channel(Component::Profile)?),
-            favorites: FavoritesServiceClient::new(channel(Component::Favorites)?),
-            reviews: ReviewsServiceClient::new(channel(Component::Reviews)?),
-            orders: OrdersServiceClient::new(channel(Component::Orders)?),
-            calls: CallsServiceClient::new(channel(Component::Calls)?),
-            emails: EmailsServiceClient::new(channel(Component::Emails)?),
-            sms: SmsServiceClient::new(channel(Component::Sms)?),
-            directory: DirectoryServiceClient::new(channel(Component::Directory)?),
-            timeouts,
+            profile: downstream!(
+                ch,
+                config,
+                Component::Profile,
+                ProfileServiceClient,
+                get_profile
+            ),
+            favorites: downstream!(
+                ch,
+                config,
+                Component::Favorites,
+                FavoritesServiceClient,
+                list_favorites
+            ),
+            reviews: downstream!(
+                ch,
+                config,
+                Component::Reviews,
+                ReviewsServiceClient,
+                list_reviews
+            ),
+            orders: downstream!(
+                ch,
+                config,
+                Component::Orders,
+                OrdersServiceClient,
+                list_orders
+            ),
+            calls: downstream!(ch, config, Component::Calls, CallsServiceClient, list_calls),
+            emails: downstream!(
+                ch,
+                config,
+                Component::Emails,
+                EmailsServiceClient,
+                list_emails
+            ),
+            sms: downstream!(ch, config, Component::Sms, SmsServiceClient, list_sms),
+            directory: downstream!(
+                ch,
+                config,
+                Component::Directory,
+                DirectoryServiceClient,
+                batch_get_contacts
+            ),
         })
     }
 
-    /// Makes one call to `component`'s downstream within the caller's
-    /// deadline. `send` gets the prepared request (its `grpc-timeout` set to
-    /// the call's budget) and performs the RPC. The budget is also enforced
-    /// here, so a downstream that never answers cannot hold the call.
-    pub async fn call<M, T, F, Fut>(
-        &self,
-        component: Component,
-        deadline: &Deadline,
-        message: M,
-        send: F,
-    ) -> Result<T, CallError>
-    where
-        F: FnOnce(Request<M>) -> Fut,
-        Fut: Future<Output = Result<Response<T>, Status>>,
-    {
-        let budget = deadline
-            .budget(self.timeouts[component.index()])
-            .map_err(CallError::Failed)?;
-        let mut request = Request::new(message);
-        request.set_timeout(budget.timeout);
-        match tokio::time::timeout(budget.timeout, send(request)).await {
-            Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(classify(component, &status, budget.caller_bound)),
-            Err(_elapsed) => Err(CallError::Failed(timeout_reason(budget.caller_bound))),
+    /// The circuit breaker of `component`'s downstream.
+    pub fn breaker(&self, component: Component) -> &Breaker {
+        match component {
+            Component::Profile => self.profile.breaker(),
+            Component::Favorites => self.favorites.breaker(),
+            Component::Reviews => self.reviews.breaker(),
+            Component::Orders => self.orders.breaker(),
+            Component::Calls => self.calls.breaker(),
+            Component::Emails => self.emails.breaker(),
+            Component::Sms => self.sms.breaker(),
+            Component::Directory => self.directory.breaker(),
         }
     }
 }
 
-fn timeout_reason(caller_bound: bool) -> Reason {
-    if caller_bound {
-        Reason::DeadlineExceeded
-    } else {
-        Reason::Timeout
-    }
-}
+/// Lazily connected channels, one per distinct endpoint and connect timeout.
+#[derive(Default)]
+struct Channels(HashMap<(String, Duration), Channel>);
 
-/// Maps a downstream's status to what it means for bfb. The downstream's
-/// message is logged here and goes no further.
-fn classify(component: Component, status: &Status, caller_bound: bool) -> CallError {
-    tracing::debug!(%component, code = ?status.code(), message = status.message(), "downstream call failed");
-    CallError::Failed(match status.code() {
-        Code::NotFound => return CallError::NotFound,
-        // tonic servers answer CANCELLED ("Timeout expired") when the
-        // grpc-timeout bfb sent runs out, often just before bfb's own timer.
-        Code::DeadlineExceeded | Code::Cancelled => timeout_reason(caller_bound),
-        Code::Unavailable | Code::ResourceExhausted | Code::Aborted => Reason::Unavailable,
-        Code::Internal | Code::Unknown | Code::DataLoss => Reason::DownstreamError,
-        Code::Ok
-        | Code::InvalidArgument
-        | Code::AlreadyExists
-        | Code::PermissionDenied
-        | Code::FailedPrecondition
-        | Code::OutOfRange
-        | Code::Unimplemented
-        | Code::Unauthenticated => Reason::DownstreamRejected,
-    })
+impl Channels {
+    fn get(
+        &mut self,
+        component: Component,
+        s: &DownstreamSettings,
+    ) -> Result<Channel, EndpointError> {
+        let key = (s.endpoint.clone(), s.connect_timeout);
+        if let Some(ch) = self.0.get(&key) {
+            return Ok(ch.clone());
+        }
+        let ch = Endpoint::from_shared(s.endpoint.clone())
+            .map_err(|source| EndpointError::Invalid { component, source })?
+            .connect_timeout(s.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .keep_alive_while_idle(false)
+            .connect_lazy();
+        self.0.insert(key, ch.clone());
+        Ok(ch)
+    }
 }

@@ -63,39 +63,30 @@ impl Engine {
         let user_id = || id.to_string();
 
         let calls = fetch(Component::Calls, requested, needed, entity, || async {
-            let mut client = ds.calls.clone();
             let msg = ListCallsRequest {
                 user_id: user_id(),
                 start_time: window.start,
                 end_time: window.end,
             };
-            let resp = ds
-                .call(Component::Calls, &deadline, msg, |r| client.list_calls(r))
-                .await?;
+            let resp = ds.calls.call(deadline, msg).await?;
             Ok(resp.calls)
         });
         let emails = fetch(Component::Emails, requested, needed, entity, || async {
-            let mut client = ds.emails.clone();
             let msg = ListEmailsRequest {
                 user_id: user_id(),
                 start_time: window.start,
                 end_time: window.end,
             };
-            let resp = ds
-                .call(Component::Emails, &deadline, msg, |r| client.list_emails(r))
-                .await?;
+            let resp = ds.emails.call(deadline, msg).await?;
             Ok(resp.emails)
         });
         let sms = fetch(Component::Sms, requested, needed, entity, || async {
-            let mut client = ds.sms.clone();
             let msg = ListSmsRequest {
                 user_id: user_id(),
                 start_time: window.start,
                 end_time: window.end,
             };
-            let resp = ds
-                .call(Component::Sms, &deadline, msg, |r| client.list_sms(r))
-                .await?;
+            let resp = ds.sms.call(deadline, msg).await?;
             Ok(resp.messages)
         });
         let (calls, emails, sms) = tokio::try_join!(calls, emails, sms)?;
@@ -107,12 +98,10 @@ impl Engine {
             ComponentSet::EMPTY.with(Component::Directory)
         };
         let names = fetch(Component::Directory, lookup, needed, entity, || async {
-            let mut client = ds.directory.clone();
             let msg = BatchGetContactsRequest { user_ids: ids };
             let resp = ds
-                .call(Component::Directory, &deadline, msg, |r| {
-                    client.batch_get_contacts(r)
-                })
+                .directory
+                .call(deadline, msg)
                 .await
                 // The directory answers unknown ids by leaving them out; a
                 // NOT_FOUND from it says nothing about the user asked for.

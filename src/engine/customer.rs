@@ -43,49 +43,31 @@ impl Engine {
         let customer_id = || id.to_string();
 
         let profile = fetch(Component::Profile, requested, needed, entity, || async {
-            let mut client = ds.profile.clone();
             let msg = GetProfileRequest {
                 customer_id: customer_id(),
             };
-            let resp = ds
-                .call(Component::Profile, &deadline, msg, |r| {
-                    client.get_profile(r)
-                })
-                .await?;
+            let resp = ds.profile.call(deadline, msg).await?;
             resp.profile.ok_or(CallError::Failed(Reason::BadResponse))
         });
         let favorites = fetch(Component::Favorites, requested, needed, entity, || async {
-            let mut client = ds.favorites.clone();
             let msg = ListFavoritesRequest {
                 customer_id: customer_id(),
             };
-            let resp = ds
-                .call(Component::Favorites, &deadline, msg, |r| {
-                    client.list_favorites(r)
-                })
-                .await?;
+            let resp = ds.favorites.call(deadline, msg).await?;
             Ok(resp.favorites)
         });
         let reviews = fetch(Component::Reviews, requested, needed, entity, || async {
-            let mut client = ds.reviews.clone();
             let msg = ListReviewsRequest {
                 customer_id: customer_id(),
             };
-            let resp = ds
-                .call(Component::Reviews, &deadline, msg, |r| {
-                    client.list_reviews(r)
-                })
-                .await?;
+            let resp = ds.reviews.call(deadline, msg).await?;
             Ok(resp.reviews)
         });
         let orders = fetch(Component::Orders, requested, needed, entity, || async {
-            let mut client = ds.orders.clone();
             let msg = ListOrdersRequest {
                 customer_id: customer_id(),
             };
-            let resp = ds
-                .call(Component::Orders, &deadline, msg, |r| client.list_orders(r))
-                .await?;
+            let resp = ds.orders.call(deadline, msg).await?;
             Ok(resp.orders)
         });
 

@@ -52,6 +52,16 @@ impl Deadline {
         self.at
     }
 
+    /// Whether a call could still be started after waiting `wait` (retry
+    /// backoff, hedge delay).
+    pub fn has_time_after(&self, wait: Duration) -> bool {
+        let left = self
+            .at
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(self.reserve);
+        left >= wait + self.min_call_budget
+    }
+
     /// The budget for a downstream call whose own timeout is `own`, or
     /// [`Reason::NoBudget`] when too little time is left to start it.
     pub fn budget(&self, own: Duration) -> Result<Budget, Reason> {

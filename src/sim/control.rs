@@ -66,6 +66,7 @@ impl TryFrom<PbBehavior> for Behavior {
                     ));
                 }
             },
+            retry_pushback_ms: b.retry_pushback_ms,
         })
     }
 }
@@ -78,6 +79,7 @@ impl From<Behavior> for PbBehavior {
             slow_extra: to_pb_duration(b.slow_extra),
             error_rate: b.error_rate,
             error_code: b.error_code as i32,
+            retry_pushback_ms: b.retry_pushback_ms,
         }
     }
 }

@@ -27,6 +27,8 @@ pub struct Behavior {
     pub error_rate: f64,
     /// Status code of injected failures.
     pub error_code: Code,
+    /// `grpc-retry-pushback-ms` sent with injected failures.
+    pub retry_pushback_ms: Option<i64>,
 }
 
 impl Default for Behavior {
@@ -37,6 +39,7 @@ impl Default for Behavior {
             slow_extra: Duration::ZERO,
             error_rate: 0.0,
             error_code: Code::Unavailable,
+            retry_pushback_ms: None,
         }
     }
 }
@@ -155,7 +158,13 @@ impl SimState {
         }
         guard.finish();
         if fail {
-            return Err(Status::new(behavior.error_code, "simulated failure"));
+            let mut status = Status::new(behavior.error_code, "simulated failure");
+            if let Some(ms) = behavior.retry_pushback_ms
+                && let Ok(v) = ms.to_string().parse()
+            {
+                status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+            }
+            return Err(status);
         }
         Ok(())
     }

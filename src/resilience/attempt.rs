@@ -1,0 +1,185 @@
+//! The innermost layer: one attempt at the downstream, with the deadline
+//! budget as its `grpc-timeout` (enforced here too), and the downstream's
+//! status classified into a [`Failed`].
+
+use std::{
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tonic::{Code, Request, Response, Status};
+use tower::{Layer, Service, ServiceExt};
+
+use crate::{downstream::CallError, error::Reason};
+
+use super::{Call, CallFuture, Failed, Pushback};
+
+/// Adds [`Attempt`] with the downstream's own per-attempt timeout.
+#[derive(Clone, Debug)]
+pub struct AttemptLayer {
+    timeout: Duration,
+}
+
+impl AttemptLayer {
+    /// Attempts take at most `timeout` (and never more than the deadline allows).
+    pub fn new(timeout: Duration) -> AttemptLayer {
+        AttemptLayer { timeout }
+    }
+}
+
+impl<S> Layer<S> for AttemptLayer {
+    type Service = Attempt<S>;
+    fn layer(&self, inner: S) -> Attempt<S> {
+        Attempt {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// One attempt over a tonic client call `S`.
+#[derive(Clone, Debug)]
+pub struct Attempt<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S, M, T> Service<Call<M>> for Attempt<S>
+where
+    S: Service<Request<M>, Response = Response<T>, Error = Status> + Clone + Send + 'static,
+    S::Future: Send,
+    M: Send + 'static,
+    T: Send + 'static,
+{
+    type Response = T;
+    type Error = Failed;
+    type Future = CallFuture<T>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Failed>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, call: Call<M>) -> Self::Future {
+        let inner = self.inner.clone();
+        let budget = call.deadline.budget(self.timeout);
+        Box::pin(async move {
+            let budget = budget.map_err(Failed::because)?;
+            let mut request = Request::new(call.message);
+            request.set_timeout(budget.timeout);
+            match tokio::time::timeout(budget.timeout, inner.oneshot(request)).await {
+                Ok(Ok(response)) => Ok(response.into_inner()),
+                Ok(Err(status)) => Err(classify(&status, budget.caller_bound)),
+                Err(_elapsed) => Err(Failed::because(timeout_reason(budget.caller_bound))),
+            }
+        })
+    }
+}
+
+fn timeout_reason(caller_bound: bool) -> Reason {
+    if caller_bound {
+        Reason::DeadlineExceeded
+    } else {
+        Reason::Timeout
+    }
+}
+
+/// Maps a downstream's status to what it means for bfb. The downstream's
+/// message is logged here and goes no further.
+pub fn classify(status: &Status, caller_bound: bool) -> Failed {
+    tracing::debug!(code = ?status.code(), message = status.message(), "downstream call failed");
+    let reason = match status.code() {
+        Code::NotFound => {
+            return Failed {
+                error: CallError::NotFound,
+                retryable: false,
+                pushback: Pushback::None,
+            };
+        }
+        // tonic servers answer CANCELLED ("Timeout expired") when the
+        // grpc-timeout bfb sent runs out, often just before bfb's own timer.
+        Code::DeadlineExceeded | Code::Cancelled => timeout_reason(caller_bound),
+        Code::Unavailable | Code::ResourceExhausted | Code::Aborted => Reason::Unavailable,
+        Code::Internal | Code::Unknown | Code::DataLoss => Reason::DownstreamError,
+        Code::Ok
+        | Code::InvalidArgument
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::OutOfRange
+        | Code::Unimplemented
+        | Code::Unauthenticated => Reason::DownstreamRejected,
+    };
+    Failed {
+        error: CallError::Failed(reason),
+        // A unary UNAVAILABLE carries no response message: safe to retry a read.
+        retryable: status.code() == Code::Unavailable,
+        pushback: pushback(status),
+    }
+}
+
+/// Reads `grpc-retry-pushback-ms` (gRFC A6): a negative value means "do not
+/// retry"; garbage is ignored.
+fn pushback(status: &Status) -> Pushback {
+    let Some(value) = status.metadata().get("grpc-retry-pushback-ms") else {
+        return Pushback::None;
+    };
+    match value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+    {
+        Some(ms) if ms < 0 => Pushback::Never,
+        Some(ms) => Pushback::After(Duration::from_millis(ms.unsigned_abs())),
+        None => Pushback::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_pushback(v: &str) -> Status {
+        let mut s = Status::unavailable("x");
+        s.metadata_mut()
+            .insert("grpc-retry-pushback-ms", v.parse().expect("ascii"));
+        s
+    }
+
+    #[test]
+    fn only_unavailable_is_retryable() {
+        assert!(classify(&Status::unavailable("x"), false).retryable);
+        for s in [
+            Status::not_found("x"),
+            Status::invalid_argument("x"),
+            Status::internal("x"),
+            Status::resource_exhausted("x"),
+            Status::deadline_exceeded("x"),
+        ] {
+            assert!(!classify(&s, false).retryable, "{:?}", s.code());
+        }
+        assert_eq!(
+            classify(&Status::not_found("x"), false).error,
+            CallError::NotFound
+        );
+    }
+
+    #[test]
+    fn pushback_is_read() {
+        assert_eq!(
+            classify(&with_pushback("-1"), false).pushback,
+            Pushback::Never
+        );
+        assert_eq!(
+            classify(&with_pushback("250"), false).pushback,
+            Pushback::After(Duration::from_millis(250))
+        );
+        assert_eq!(
+            classify(&with_pushback("soon"), false).pushback,
+            Pushback::None
+        );
+        assert_eq!(
+            classify(&Status::unavailable("x"), false).pushback,
+            Pushback::None
+        );
+    }
+}
