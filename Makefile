@@ -21,6 +21,7 @@ test-tools:
 ## Benchmarks (see docs/performance.md for figures and the machine).
 bench:
 	cargo bench --locked --bench fanout
+	cargo bench --locked --bench hedge
 
 ## Formatting and clippy, warnings as errors.
 lint:

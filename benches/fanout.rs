@@ -12,11 +12,7 @@
 //!
 //! Set `BENCH_SECS` to change the length of each load phase (default 5).
 
-use std::{
-    net::SocketAddr,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use bfb::pb::{
     bfb::customer::v1::{
@@ -25,66 +21,12 @@ use bfb::pb::{
     downstream::profile::v1::{GetProfileRequest, profile_service_client::ProfileServiceClient},
 };
 use hdrhistogram::Histogram;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
-};
+use tokio::process::Child;
 use tonic::transport::Channel;
 
-const BFB: &str = env!("CARGO_BIN_EXE_bfb");
+mod common;
 
-type Boxed = Box<dyn std::error::Error>;
-
-/// Spawns `bfb ARGS` (pinned to core 1 when possible) and reads the address
-/// it prints.
-async fn spawn(args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
-    let pinned = std::process::Command::new("taskset")
-        .arg("-V")
-        .output()
-        .is_ok();
-    let mut cmd = if pinned {
-        let mut c = Command::new("taskset");
-        c.args(["-c", "1", BFB]);
-        c
-    } else {
-        Command::new(BFB)
-    };
-    let mut child = cmd
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut line = String::new();
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    BufReader::new(stdout).read_line(&mut line).await?;
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .ok_or("no address")?
-        .parse()?;
-    Ok((child, addr))
-}
-
-async fn start(sim_latency: &str) -> Result<(Child, Child, SocketAddr, SocketAddr), Boxed> {
-    let (sim, sim_addr) =
-        spawn(&["sim", "--listen", "127.0.0.1:0", "--latency", sim_latency]).await?;
-    let config = bfb::config::EXAMPLE
-        .replace("http://127.0.0.1:50061", &format!("http://{sim_addr}"))
-        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"");
-    let path = std::env::temp_dir().join(format!("bfb-bench-{}.toml", std::process::id()));
-    std::fs::write(&path, config)?;
-    let (bfb, bfb_addr) = spawn(&["serve", "--config", path.to_str().ok_or("path")?]).await?;
-    Ok((sim, bfb, sim_addr, bfb_addr))
-}
-
-async fn channel(addr: SocketAddr) -> Result<Channel, Boxed> {
-    Ok(Channel::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?)
-}
+use common::{Boxed, channel, start};
 
 /// CPU time (user + system) a process has used so far.
 fn cpu_time(child: &Child) -> Option<Duration> {

@@ -6,15 +6,19 @@
 //! A request flows top to bottom through these modules:
 //!
 //! - [`server`]: the tonic server: public API versions, health, reflection on
-//!   one listener; `serve(config, listener, shutdown)`.
+//!   one listener, HTTP/2 limits; `serve(config, listener, shutdown)`.
 //! - [`api`]: one thin adapter per contract version (`customer_v1`,
 //!   `activity_v1`): validate the request, call the engine, shape the answer.
 //! - [`engine`]: the fan-out engine shared by every version: which downstream
 //!   calls to make, concurrently, under the caller's [`engine::Deadline`], and
 //!   how required and optional components fail (`customer`, `activity`).
-//! - [`downstream`]: the typed clients of the downstream services and the one
-//!   function every downstream call goes through (budget, timeout, error
-//!   classification).
+//! - [`downstream`]: one typed client per downstream service, each behind its
+//!   own resilience stack, composed top to bottom in `downstream::stack`.
+//! - [`resilience`]: the stack's layers, one module each: bulkhead, retry
+//!   (with budget and pushback), hedge, circuit breaker, attempt (deadline
+//!   budget as `grpc-timeout`, status classification).
+//! - [`inbound`]: protection in front of every bfb service: global load
+//!   shedding, a hard timeout answered as DEADLINE_EXCEEDED, oversized requests.
 //! - [`error`]: the request error type and its single mapping to
 //!   `tonic::Status` with `google.rpc` details.
 //! - [`component`]: the components of the aggregates and read-mask parsing.

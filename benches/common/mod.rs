@@ -1,0 +1,110 @@
+//! Helpers shared by the benches: bfb and sim as separate processes pinned
+//! to one core, and latency recording.
+
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, process::Stdio, time::Instant};
+
+use hdrhistogram::Histogram;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+use tonic::transport::Channel;
+
+const BFB: &str = env!("CARGO_BIN_EXE_bfb");
+
+pub type Boxed = Box<dyn std::error::Error>;
+
+/// Spawns `bfb ARGS` (pinned to core 1 when possible) and reads the address
+/// it prints.
+pub async fn spawn(args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
+    let pinned = std::process::Command::new("taskset")
+        .arg("-V")
+        .output()
+        .is_ok();
+    let mut cmd = if pinned {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1", BFB]);
+        c
+    } else {
+        Command::new(BFB)
+    };
+    let mut child = cmd
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    BufReader::new(stdout).read_line(&mut line).await?;
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .ok_or("no address")?
+        .parse()?;
+    Ok((child, addr))
+}
+
+/// Starts `bfb sim` with every service at `latency`.
+pub async fn start_sim(latency: &str) -> Result<(Child, SocketAddr), Boxed> {
+    spawn(&["sim", "--listen", "127.0.0.1:0", "--latency", latency]).await
+}
+
+/// Starts `bfb serve` on the example config pointed at `sim`, after `edit`
+/// changes the config text.
+pub async fn start_bfb(
+    sim: SocketAddr,
+    name: &str,
+    edit: impl FnOnce(String) -> String,
+) -> Result<(Child, SocketAddr), Boxed> {
+    let config = bfb::config::EXAMPLE
+        .replace("http://127.0.0.1:50061", &format!("http://{sim}"))
+        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"");
+    let path = std::env::temp_dir().join(format!("bfb-bench-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, edit(config))?;
+    spawn(&["serve", "--config", path.to_str().ok_or("path")?]).await
+}
+
+/// A sim at `sim_latency` and bfb on the example config.
+pub async fn start(sim_latency: &str) -> Result<(Child, Child, SocketAddr, SocketAddr), Boxed> {
+    let (sim, sim_addr) = start_sim(sim_latency).await?;
+    let (bfb, bfb_addr) = start_bfb(sim_addr, "default", |c| c).await?;
+    Ok((sim, bfb, sim_addr, bfb_addr))
+}
+
+pub async fn channel(addr: SocketAddr) -> Result<Channel, Boxed> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?)
+}
+
+/// `n` calls of `f` one after another; the latency histogram in µs.
+pub async fn sequential<F, Fut, E>(n: u64, mut f: F) -> Result<Histogram<u64>, Boxed>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + 'static,
+{
+    let mut h = Histogram::new(3)?;
+    for i in 0..n {
+        let t = Instant::now();
+        f(i).await?;
+        h.record(t.elapsed().as_micros() as u64)?;
+    }
+    Ok(h)
+}
+
+/// Prints one latency row.
+pub fn row(name: &str, h: &Histogram<u64>) {
+    println!(
+        "  {name:<36} p50 {:>7} µs   p99 {:>7} µs   p99.9 {:>7} µs   ({} calls)",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.len()
+    );
+}
