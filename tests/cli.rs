@@ -121,3 +121,62 @@ async fn sim_process_serves_only_the_chosen_services() {
     assert_eq!(stats.services["orders"].calls, 2);
     child.kill().await.expect("kill");
 }
+
+#[tokio::test]
+async fn demo_serves_bfb_and_the_sim_and_prints_working_commands() {
+    let mut child = tokio::process::Command::new(BFB)
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-listen",
+            "127.0.0.1:0",
+            "--sim-latency",
+            "1ms",
+        ])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next_line().await.expect("read").expect("a line");
+    // "bfb demo: bfb on ADDR, simulated downstream services on ADDR (...)"
+    let addr = |after: &str| -> std::net::SocketAddr {
+        let rest = first
+            .split(after)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{after} in {first:?}"));
+        let token = rest
+            .split([',', ' '])
+            .find(|t| !t.is_empty())
+            .expect("address");
+        token.parse().unwrap_or_else(|_| panic!("{token:?}"))
+    };
+    let (bfb_addr, sim_addr) = (addr("bfb on "), addr("services on "));
+    let mut printed = String::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    assert!(printed.contains(&format!(
+        "{bfb_addr} bfb.customer.v1.CustomerAggregateService/GetCustomer"
+    )));
+    assert!(printed.contains(&format!("{sim_addr} bfb.sim.v1.SimControl/SetBehavior")));
+
+    use bfb::pb::bfb::customer::v1::{
+        GetCustomerRequest, customer_aggregate_service_client::CustomerAggregateServiceClient,
+    };
+    let resp = CustomerAggregateServiceClient::new(common::channel(bfb_addr).await)
+        .get_customer(GetCustomerRequest {
+            customer_id: "c-42".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the demo answers")
+        .into_inner();
+    assert!(resp.customer.expect("customer").profile.is_some());
+    child.kill().await.expect("kill");
+}
