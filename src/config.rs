@@ -25,6 +25,8 @@ pub struct Config {
     pub server: ServerSettings,
     /// Which components each aggregate needs.
     pub aggregates: Aggregates,
+    /// Traces, metrics and logs.
+    pub telemetry: TelemetrySettings,
     /// Every downstream's settings, `downstream_defaults` merged with its own section.
     pub downstreams: BTreeMap<Component, DownstreamSettings>,
 }
@@ -42,6 +44,8 @@ struct RawConfig {
     server: ServerSettings,
     #[serde(default)]
     aggregates: Aggregates,
+    #[serde(default)]
+    telemetry: TelemetrySettings,
     #[serde(default)]
     downstream_defaults: toml::Table,
     downstreams: BTreeMap<String, toml::Table>,
@@ -110,6 +114,20 @@ pub struct ServerSettings {
     pub max_request_bytes: usize,
     /// Largest downstream response message accepted, bytes.
     pub max_downstream_response_bytes: usize,
+    /// Close client connections older than this (after a GOAWAY), so
+    /// long-lived connections rebalance across replicas.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
+    /// Time in-flight calls get after a connection's GOAWAY for its age.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age_grace: Duration,
+    /// On SIGTERM: readiness turns NOT_SERVING at once, and bfb keeps
+    /// serving this long so load balancers stop sending new calls.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// Then it stops accepting and gives in-flight calls this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerSettings {
@@ -125,6 +143,59 @@ impl Default for ServerSettings {
             keepalive_timeout: Duration::from_secs(10),
             max_request_bytes: 64 * 1024,
             max_downstream_response_bytes: 4 * 1024 * 1024,
+            max_connection_age: Duration::from_secs(300),
+            max_connection_age_grace: Duration::from_secs(30),
+            drain_delay: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Traces, metrics and logs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySettings {
+    /// Log line format: `human` or `json` (env `BFB_LOG_FORMAT` overrides).
+    pub log_format: LogFormat,
+    /// `RUST_LOG`-style filter (env `RUST_LOG` overrides).
+    pub log_filter: String,
+    /// Address of the Prometheus `/metrics` endpoint; unset: no endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// OTLP/gRPC collector, e.g. `http://otel-collector:4317`; unset: no
+    /// trace export.
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces sampled (a caller's sampling decision is kept).
+    pub sampling_ratio: f64,
+    /// `service.name` of exported spans.
+    pub service_name: String,
+    /// Further resource attributes, e.g. `{ "deployment.environment" = "prod" }`.
+    pub resource_attributes: BTreeMap<String, String>,
+    /// How often finished spans are exported.
+    #[serde(with = "humantime_serde")]
+    pub export_interval: Duration,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Readable text.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        TelemetrySettings {
+            log_format: LogFormat::Human,
+            log_filter: "info".into(),
+            metrics_listen: None,
+            otlp_endpoint: None,
+            sampling_ratio: 1.0,
+            service_name: "bfb".into(),
+            resource_attributes: BTreeMap::new(),
+            export_interval: Duration::from_secs(5),
         }
     }
 }
@@ -411,6 +482,7 @@ impl Config {
             deadlines: raw.deadlines,
             server: raw.server,
             aggregates: raw.aggregates,
+            telemetry: raw.telemetry,
             downstreams,
         };
         config.check(&mut problems);
@@ -457,6 +529,21 @@ impl Config {
             p.add("server.max_request_bytes", "must be at least 1024");
         }
         p.positive("server.keepalive_interval", s.keepalive_interval);
+        p.positive("server.max_connection_age", s.max_connection_age);
+        let t = &self.telemetry;
+        p.fraction("telemetry.sampling_ratio", t.sampling_ratio);
+        p.positive("telemetry.export_interval", t.export_interval);
+        if let Some(e) = &t.otlp_endpoint
+            && let Err(why) = check_endpoint(e)
+        {
+            p.add("telemetry.otlp_endpoint", why);
+        }
+        if tracing_subscriber::EnvFilter::try_new(&t.log_filter).is_err() {
+            p.add(
+                "telemetry.log_filter",
+                "not a valid filter, e.g. \"info,bfb=debug\"",
+            );
+        }
         p.positive("server.keepalive_timeout", s.keepalive_timeout);
         for (path, section, allowed) in [
             (

@@ -59,6 +59,15 @@ pub async fn run(
 
     let mut config = Config::example()?.with_all_endpoints(&format!("http://{sim_addr}"));
     config.listen = bfb_addr;
+    // Ctrl-C should stop a demo at once; there is no load balancer to tell.
+    config.server.drain_delay = Duration::ZERO;
+    config.server.shutdown_grace = Duration::from_secs(1);
+    // The metrics endpoint is a nice-to-have here: skip it if its port is taken.
+    let metrics = match config.telemetry.metrics_listen {
+        Some(addr) => TcpListener::bind(addr).await.ok(),
+        None => None,
+    };
+    let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
     let sim_config = SimConfig {
         behavior: Behavior {
             latency: sim_latency,
@@ -68,12 +77,19 @@ pub async fn run(
     };
 
     println!("{}", instructions(bfb_addr, sim_addr, sim_latency));
+    if let Some(addr) = metrics_addr {
+        println!("Metrics: curl -s http://{addr}/metrics | grep ^bfb_");
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
     let stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {
         let _ = rx.changed().await;
     };
     let sim = sim::serve(sim_config, sim_listener, stopped(stop_rx.clone()));
-    let bfb = crate::server::serve(&config, bfb_listener, stopped(stop_rx));
+    let listeners = crate::server::Listeners {
+        grpc: bfb_listener,
+        metrics,
+    };
+    let bfb = crate::server::serve(&config, listeners, stopped(stop_rx));
     let trigger = async move {
         shutdown.await;
         let _ = stop_tx.send(());

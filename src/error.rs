@@ -58,6 +58,24 @@ impl Reason {
         }
     }
 
+    /// Every reason.
+    pub const ALL: [Reason; 9] = [
+        Reason::Timeout,
+        Reason::DeadlineExceeded,
+        Reason::NoBudget,
+        Reason::Unavailable,
+        Reason::DownstreamError,
+        Reason::DownstreamRejected,
+        Reason::BadResponse,
+        Reason::CircuitOpen,
+        Reason::BulkheadFull,
+    ];
+
+    /// Parses a reason code.
+    pub fn from_code(code: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.code() == code)
+    }
+
     /// Whether the caller's own budget ran out (as opposed to the downstream
     /// failing while time was left).
     pub const fn is_caller_deadline(self) -> bool {

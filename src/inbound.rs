@@ -20,6 +20,7 @@ use std::{
 };
 
 use futures::future::BoxFuture;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 use tonic::{Code, Status, body::Body};
 use tower::{BoxError, Layer, Service, ServiceExt, timeout::error::Elapsed};
@@ -33,6 +34,7 @@ const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
 #[derive(Clone, Debug)]
 pub struct InboundLayer {
     permits: Arc<Semaphore>,
+    shed: Counter,
     retry_after: Duration,
     hard_timeout: Duration,
     max_request_bytes: usize,
@@ -45,9 +47,11 @@ impl InboundLayer {
         retry_after: Duration,
         hard_timeout: Duration,
         max_request_bytes: usize,
+        shed: Counter,
     ) -> InboundLayer {
         InboundLayer {
             permits: Arc::new(Semaphore::new(max_rpcs)),
+            shed,
             retry_after,
             hard_timeout,
             max_request_bytes,
@@ -100,6 +104,7 @@ where
                     let shed = Error::Overloaded {
                         retry_after: self.layer.retry_after,
                     };
+                    self.layer.shed.inc();
                     tracing::debug!("load shed: at max_concurrent_rpcs");
                     return Box::pin(std::future::ready(Ok(Status::from(shed).into_http())));
                 }
@@ -152,8 +157,14 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(60)).await;
             Ok::<_, BoxError>(http::Response::new(Body::empty()))
         });
-        let svc = InboundLayer::new(10, Duration::from_millis(100), Duration::from_secs(1), 1024)
-            .layer(slow);
+        let svc = InboundLayer::new(
+            10,
+            Duration::from_millis(100),
+            Duration::from_secs(1),
+            1024,
+            Counter::default(),
+        )
+        .layer(slow);
         let response = svc
             .oneshot(request(
                 "/bfb.customer.v1.CustomerAggregateService/GetCustomer",
@@ -169,8 +180,14 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Ok::<_, BoxError>(http::Response::new(Body::empty()))
         });
-        let svc = InboundLayer::new(1, Duration::from_millis(100), Duration::from_secs(30), 1024)
-            .layer(slow);
+        let svc = InboundLayer::new(
+            1,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            1024,
+            Counter::default(),
+        )
+        .layer(slow);
         let busy = tokio::spawn(svc.clone().oneshot(request("/x.S/M")));
         tokio::task::yield_now().await;
         let shed = tokio::time::timeout(
@@ -200,8 +217,14 @@ mod tests {
                 Status::out_of_range("Error, decoded message length too large").into_http(),
             )
         });
-        let svc = InboundLayer::new(1, Duration::from_millis(100), Duration::from_secs(30), 1024)
-            .layer(too_big);
+        let svc = InboundLayer::new(
+            1,
+            Duration::from_millis(100),
+            Duration::from_secs(30),
+            1024,
+            Counter::default(),
+        )
+        .layer(too_big);
         let response = svc.oneshot(request("/x.S/M")).await.expect("answered");
         assert_eq!(status_of(&response), Code::ResourceExhausted);
     }

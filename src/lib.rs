@@ -42,3 +42,4 @@ pub mod pb;
 pub mod resilience;
 pub mod server;
 pub mod sim;
+pub mod telemetry;

@@ -4,12 +4,13 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use bfb::{
     component::Component,
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, TelemetrySettings},
+    server::Listeners,
     sim::{self, SimConfig, data::Dataset, state::Behavior},
+    telemetry,
 };
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -126,12 +127,6 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {
@@ -162,13 +157,26 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         },
         Command::Serve { config } => {
             let config = Config::load(&config)?;
-            let listener = TcpListener::bind(config.listen).await?;
-            // Scripts and benches start bfb on port 0 and read the address from here.
-            println!("bfb listening on {}", listener.local_addr()?);
-            bfb::server::serve(&config, listener, shutdown_signal()).await?;
+            let telemetry = telemetry::init(&config.telemetry)?;
+            let grpc = TcpListener::bind(config.listen).await?;
+            let metrics = match config.telemetry.metrics_listen {
+                Some(addr) => Some(TcpListener::bind(addr).await?),
+                None => None,
+            };
+            // Scripts and benches start bfb on port 0 and read the addresses from here.
+            println!("bfb listening on {}", grpc.local_addr()?);
+            if let Some(m) = &metrics {
+                println!("bfb metrics on {}", m.local_addr()?);
+            }
+            let result =
+                bfb::server::serve(&config, Listeners { grpc, metrics }, shutdown_signal()).await;
+            // Flush spans whatever happened.
+            telemetry.shutdown();
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Sim(args) => {
+            let _telemetry = telemetry::init(&TelemetrySettings::default())?;
             for (name, v) in [
                 ("--slow-fraction", args.slow_fraction),
                 ("--error-rate", args.error_rate),
@@ -203,6 +211,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             sim_listen,
             sim_latency,
         } => {
+            let _telemetry = telemetry::init(&TelemetrySettings::default())?;
             bfb::demo::run(listen, sim_listen, sim_latency, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }

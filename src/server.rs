@@ -1,6 +1,7 @@
 //! bfb's gRPC server: the public API versions, health and reflection on one
-//! listener. [`serve`] takes a bound listener and a shutdown future so tests
-//! run the real server on port 0.
+//! listener, the metrics endpoint on another, and the lifecycle: readiness,
+//! draining and graceful shutdown. [`serve`] takes bound listeners and a
+//! shutdown future so tests run the real server on port 0.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -24,10 +25,16 @@ use crate::{
             customer::v1::customer_aggregate_service_server::CustomerAggregateServiceServer,
         },
     },
+    telemetry::metrics::{self, Metrics},
 };
 
 /// The gRPC health service's name.
 pub const HEALTH_SERVICE: &str = "grpc.health.v1.Health";
+
+/// The health-check service name of readiness: NOT_SERVING until bfb has
+/// started and again from the moment it starts draining. (Liveness is the
+/// empty service name, SERVING while the process can serve.)
+pub const READINESS: &str = "readiness";
 
 /// Why a server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +48,14 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// The listeners bfb serves on.
+pub struct Listeners {
+    /// gRPC: the API, health and reflection.
+    pub grpc: TcpListener,
+    /// Prometheus `GET /metrics`; none: no endpoint.
+    pub metrics: Option<TcpListener>,
 }
 
 /// Reflection services (`grpc.reflection.v1` and `v1alpha`) that list the
@@ -84,40 +99,51 @@ pub fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Serves bfb on `listener` until `shutdown` completes.
+/// Serves bfb until `shutdown` completes, then drains: readiness goes
+/// NOT_SERVING at once, serving continues for `server.drain_delay`, then no
+/// new connections or calls are accepted and in-flight calls get
+/// `server.shutdown_grace` to finish.
 pub async fn serve(
     config: &Config,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let engine = Arc::new(Engine::new(config)?);
+    let metrics = Arc::new(Metrics::new());
+    let engine = Arc::new(Engine::new(config, &metrics)?);
     let max_request = config.server.max_request_bytes;
     let customer_v1 = CustomerAggregateServiceServer::new(CustomerV1::new(engine.clone()))
         .max_decoding_message_size(max_request);
     let activity_v1 = UserActivityServiceServer::new(ActivityV1::new(engine))
         .max_decoding_message_size(max_request);
-
     let public = [
         <CustomerAggregateServiceServer<CustomerV1> as NamedService>::NAME,
         <UserActivityServiceServer<ActivityV1> as NamedService>::NAME,
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(READINESS, ServingStatus::NotServing)
+        .await;
     let (reflection_v1, reflection_v1alpha) = reflection(&public)?;
-    // The listener is bound already, so the public services can report
-    // SERVING before the first connection is accepted.
-    health.set_service_status("", ServingStatus::Serving).await;
-    for name in public {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let metrics_addr = listeners.metrics.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = listeners.metrics {
+        tokio::spawn(metrics::serve(
+            metrics.clone(),
+            listener,
+            stopped(stop_rx.clone()),
+        ));
     }
-    tracing::info!(addr = ?listener.local_addr().ok(), "bfb serving");
 
     let s = &config.server;
     // A backstop only: handlers answer within the caller's deadline, which is
     // capped at deadlines.max.
     let hard_timeout = config.deadlines.max + Duration::from_secs(1);
-    Server::builder()
+    let grpc_addr = listeners.grpc.local_addr().ok();
+    let server = Server::builder()
         // Every HTTP/2 limit set explicitly; tonic leaves some unlimited.
         .max_concurrent_streams(s.max_concurrent_streams)
         .http2_max_header_list_size(s.max_header_list_size)
@@ -125,18 +151,59 @@ pub async fn serve(
         .http2_max_local_error_reset_streams(Some(s.max_local_error_reset_streams))
         .http2_keepalive_interval(Some(s.keepalive_interval))
         .http2_keepalive_timeout(Some(s.keepalive_timeout))
+        .max_connection_age(s.max_connection_age)
+        .max_connection_age_grace(s.max_connection_age_grace)
         .layer(InboundLayer::new(
             s.max_concurrent_rpcs,
             s.shed_retry_after,
             hard_timeout,
             s.max_request_bytes,
+            metrics.load_shed.clone(),
         ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(customer_v1)
         .add_service(activity_v1)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(incoming(listeners.grpc), stopped(stop_rx));
+
+    // Liveness and the public services: SERVING now that the listener is
+    // bound; readiness last, when everything is in place.
+    health.set_service_status("", ServingStatus::Serving).await;
+    for name in public {
+        health
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
+    }
+    health
+        .set_service_status(READINESS, ServingStatus::Serving)
+        .await;
+    tracing::info!(
+        grpc = ?grpc_addr,
+        metrics = %metrics::describe(metrics_addr),
+        "bfb serving"
+    );
+
+    let lifecycle = async {
+        shutdown.await;
+        tracing::info!(drain_delay = ?s.drain_delay, "shutdown requested: readiness NOT_SERVING, draining");
+        health
+            .set_service_status(READINESS, ServingStatus::NotServing)
+            .await;
+        for name in public {
+            health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        tokio::time::sleep(s.drain_delay).await;
+        tracing::info!(grace = ?s.shutdown_grace, "no longer accepting; waiting for in-flight calls");
+        let _ = stop_tx.send(true);
+        tokio::time::sleep(s.shutdown_grace).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        () = lifecycle => tracing::warn!("shutdown grace period over; in-flight calls dropped"),
+    }
+    tracing::info!("bfb stopped");
     Ok(())
 }

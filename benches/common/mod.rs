@@ -62,7 +62,11 @@ pub async fn start_bfb(
 ) -> Result<(Child, SocketAddr), Boxed> {
     let config = bfb::config::EXAMPLE
         .replace("http://127.0.0.1:50061", &format!("http://{sim}"))
-        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"");
+        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"")
+        .replace(
+            "metrics_listen = \"127.0.0.1:9464\"",
+            "metrics_listen = \"127.0.0.1:0\"",
+        );
     let path = std::env::temp_dir().join(format!("bfb-bench-{}-{name}.toml", std::process::id()));
     std::fs::write(&path, edit(config))?;
     spawn(&["serve", "--config", path.to_str().ok_or("path")?]).await

@@ -8,7 +8,7 @@ use tonic_types::FieldViolation;
 
 use crate::{
     component::{Component, ComponentSet},
-    engine::{ActivityParts, Engine, activity::Window},
+    engine::{ActivityParts, Deadline, Engine, activity::Window},
     error::Error,
     pb::{
         bfb::activity::v1::{
@@ -18,9 +18,12 @@ use crate::{
         },
         downstream,
     },
+    telemetry::rpc::observe,
 };
 
-use super::{aggregate_status, check_completeness, check_id, check_timestamp, newest_first};
+use super::{
+    aggregate_status, check_completeness, check_id, check_timestamp, newest_first, summarize,
+};
 
 /// The v1 user-activity service.
 pub struct ActivityV1 {
@@ -40,8 +43,26 @@ impl UserActivityService for ActivityV1 {
         &self,
         request: Request<GetUserActivityRequest>,
     ) -> Result<Response<GetUserActivityResponse>, Status> {
-        let deadline = self.engine.deadline(request.metadata());
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
+        let summary = |r: &GetUserActivityResponse| summarize(r.status.as_ref());
+        let handled = self.get_user_activity(req, self.engine.deadline(&metadata));
+        observe(
+            self.engine.metrics(),
+            "GetUserActivity",
+            &metadata,
+            summary,
+            handled,
+        )
+        .await
+    }
+}
+
+impl ActivityV1 {
+    async fn get_user_activity(
+        &self,
+        req: GetUserActivityRequest,
+        deadline: Deadline,
+    ) -> Result<Response<GetUserActivityResponse>, Status> {
         let mut violations = Vec::new();
         check_id("user_id", &req.user_id, &mut violations);
         let window = check_window(req.window, &mut violations);

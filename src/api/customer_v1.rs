@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     component::{Component, ComponentSet},
-    engine::{CustomerParts, Engine},
+    engine::{CustomerParts, Deadline, Engine},
     error::Error,
     pb::{
         bfb::customer::v1::{
@@ -16,9 +16,10 @@ use crate::{
         },
         downstream::{self, orders::v1::OrderStatus},
     },
+    telemetry::rpc::observe,
 };
 
-use super::{aggregate_status, check_completeness, check_id};
+use super::{aggregate_status, check_completeness, check_id, summarize};
 
 /// How many recent reviews and orders v1 returns.
 const RECENT: usize = 10;
@@ -41,8 +42,26 @@ impl CustomerAggregateService for CustomerV1 {
         &self,
         request: Request<GetCustomerRequest>,
     ) -> Result<Response<GetCustomerResponse>, Status> {
-        let deadline = self.engine.deadline(request.metadata());
-        let req = request.into_inner();
+        let (metadata, _, req) = request.into_parts();
+        let summary = |r: &GetCustomerResponse| summarize(r.status.as_ref());
+        let handled = self.get_customer(req, self.engine.deadline(&metadata));
+        observe(
+            self.engine.metrics(),
+            "GetCustomer",
+            &metadata,
+            summary,
+            handled,
+        )
+        .await
+    }
+}
+
+impl CustomerV1 {
+    async fn get_customer(
+        &self,
+        req: GetCustomerRequest,
+        deadline: Deadline,
+    ) -> Result<Response<GetCustomerResponse>, Status> {
         let mut violations = Vec::new();
         check_id("customer_id", &req.customer_id, &mut violations);
         let paths = req.read_mask.as_ref().map_or(&[][..], |m| &m.paths[..]);

@@ -16,10 +16,12 @@ use tonic_types::FieldViolation;
 use crate::{
     component::Component,
     engine::{Completeness, OutcomeState},
+    error::Reason,
     pb::bfb::common::v1::{
         AggregateStatus, Completeness as PbCompleteness, ComponentState, ComponentStatus,
         DataSource,
     },
+    telemetry::rpc::Summary,
 };
 
 /// Longest accepted entity id.
@@ -106,6 +108,29 @@ pub fn aggregate_status(outcomes: &[(Component, OutcomeState)]) -> AggregateStat
     }
 }
 
+/// What the RPC wrapper logs and counts about an answer: components fetched
+/// and those not OK, from the answer's status.
+pub fn summarize(status: Option<&AggregateStatus>) -> Summary {
+    let mut summary = Summary {
+        fetched: 0,
+        degraded: Vec::new(),
+    };
+    for (name, c) in status.map(|s| &s.components).into_iter().flatten() {
+        if c.state == ComponentState::Skipped as i32 {
+            continue;
+        }
+        summary.fetched += 1;
+        if c.state != ComponentState::Ok as i32
+            && let Some(component) = Component::from_name(name)
+        {
+            let reason = Reason::from_code(&c.reason).map_or("OTHER", Reason::code);
+            summary.degraded.push((component.name(), reason));
+        }
+    }
+    summary.degraded.sort_unstable();
+    summary
+}
+
 /// Orders timestamps newest first (`None` last).
 pub fn newest_first(a: Option<&Timestamp>, b: Option<&Timestamp>) -> std::cmp::Ordering {
     let key = |t: Option<&Timestamp>| t.map(|t| (t.seconds, t.nanos));
@@ -115,7 +140,6 @@ pub fn newest_first(a: Option<&Timestamp>, b: Option<&Timestamp>) -> std::cmp::O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Reason;
 
     #[test]
     fn ids_are_checked_for_length_and_charset() {

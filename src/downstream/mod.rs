@@ -45,6 +45,7 @@ use crate::{
         sms::v1::{ListSmsRequest, ListSmsResponse, sms_service_client::SmsServiceClient},
     },
     resilience::{Call, Failed, breaker::Breaker},
+    telemetry::metrics::Metrics,
 };
 
 /// How a downstream call failed, as the engine needs to know it.
@@ -69,6 +70,7 @@ impl<M, T> Downstream<M, T> {
         let call = Call {
             message,
             deadline,
+            attempt: 1,
             hedge: false,
         };
         self.stack.clone().oneshot(call).await.map_err(|f| f.error)
@@ -119,7 +121,7 @@ pub enum EndpointError {
 /// Builds each downstream's typed client over a shared channel and wraps it
 /// in the stack. A macro because the eight differ only in types and method.
 macro_rules! downstream {
-    ($channels:expr, $config:expr, $component:expr, $client:ident, $method:ident) => {{
+    ($channels:expr, $config:expr, $metrics:expr, $component:expr, $client:ident, $method:ident, $rpc:literal) => {{
         let settings = $config
             .downstream($component)
             .ok_or(EndpointError::Missing($component))?;
@@ -130,7 +132,7 @@ macro_rules! downstream {
             let mut client = client.clone();
             async move { client.$method(request).await }
         });
-        let (stack, breaker) = stack::build(settings, rpc);
+        let (stack, breaker) = stack::build($component, $rpc, settings, $metrics, rpc);
         Downstream { stack, breaker }
     }};
 }
@@ -138,52 +140,84 @@ macro_rules! downstream {
 impl Downstreams {
     /// Builds every downstream of a validated config. No connection is made
     /// until the first call.
-    pub fn connect_lazy(config: &Config) -> Result<Downstreams, EndpointError> {
+    pub fn connect_lazy(
+        config: &Config,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Downstreams, EndpointError> {
         let mut ch = Channels::default();
+        let m = metrics;
         Ok(Downstreams {
             profile: downstream!(
                 ch,
                 config,
+                m,
                 Component::Profile,
                 ProfileServiceClient,
-                get_profile
+                get_profile,
+                "downstream.profile.v1.ProfileService/GetProfile"
             ),
             favorites: downstream!(
                 ch,
                 config,
+                m,
                 Component::Favorites,
                 FavoritesServiceClient,
-                list_favorites
+                list_favorites,
+                "downstream.favorites.v1.FavoritesService/ListFavorites"
             ),
             reviews: downstream!(
                 ch,
                 config,
+                m,
                 Component::Reviews,
                 ReviewsServiceClient,
-                list_reviews
+                list_reviews,
+                "downstream.reviews.v1.ReviewsService/ListReviews"
             ),
             orders: downstream!(
                 ch,
                 config,
+                m,
                 Component::Orders,
                 OrdersServiceClient,
-                list_orders
+                list_orders,
+                "downstream.orders.v1.OrdersService/ListOrders"
             ),
-            calls: downstream!(ch, config, Component::Calls, CallsServiceClient, list_calls),
+            calls: downstream!(
+                ch,
+                config,
+                m,
+                Component::Calls,
+                CallsServiceClient,
+                list_calls,
+                "downstream.calls.v1.CallsService/ListCalls"
+            ),
             emails: downstream!(
                 ch,
                 config,
+                m,
                 Component::Emails,
                 EmailsServiceClient,
-                list_emails
+                list_emails,
+                "downstream.emails.v1.EmailsService/ListEmails"
             ),
-            sms: downstream!(ch, config, Component::Sms, SmsServiceClient, list_sms),
+            sms: downstream!(
+                ch,
+                config,
+                m,
+                Component::Sms,
+                SmsServiceClient,
+                list_sms,
+                "downstream.sms.v1.SmsService/ListSms"
+            ),
             directory: downstream!(
                 ch,
                 config,
+                m,
                 Component::Directory,
                 DirectoryServiceClient,
-                batch_get_contacts
+                batch_get_contacts,
+                "downstream.directory.v1.DirectoryService/BatchGetContacts"
             ),
         })
     }

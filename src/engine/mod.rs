@@ -16,13 +16,14 @@ pub mod activity;
 pub mod customer;
 pub mod deadline;
 
-use std::future::Future;
+use std::{future::Future, sync::Arc};
 
 use crate::{
     component::{Component, ComponentSet},
     config::Config,
     downstream::{CallError, Downstreams, EndpointError},
     error::{Error, Reason},
+    telemetry::metrics::Metrics,
 };
 
 pub use self::{activity::ActivityParts, customer::CustomerParts, deadline::Deadline};
@@ -88,6 +89,7 @@ pub enum Completeness {
 /// The shared core behind every API version.
 pub struct Engine {
     downstreams: Downstreams,
+    metrics: Arc<Metrics>,
     deadlines: crate::config::Deadlines,
     customer_required: ComponentSet,
     activity_required: ComponentSet,
@@ -95,13 +97,24 @@ pub struct Engine {
 
 impl Engine {
     /// Builds the engine and its downstream clients from a validated config.
-    pub fn new(config: &Config) -> Result<Engine, EndpointError> {
+    pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Result<Engine, EndpointError> {
         Ok(Engine {
-            downstreams: Downstreams::connect_lazy(config)?,
+            downstreams: Downstreams::connect_lazy(config, metrics)?,
+            metrics: metrics.clone(),
             deadlines: config.deadlines.clone(),
             customer_required: config.aggregates.customer.required_set(),
             activity_required: config.aggregates.activity.required_set(),
         })
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The downstreams, for their state (breakers).
+    pub fn downstreams(&self) -> &Downstreams {
+        &self.downstreams
     }
 
     /// The deadline of a call that arrives now with these headers.

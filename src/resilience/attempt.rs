@@ -7,23 +7,47 @@ use std::{
     time::Duration,
 };
 
+use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tower::{Layer, Service, ServiceExt};
+use tracing::{Instrument, field};
 
-use crate::{downstream::CallError, error::Reason};
+use crate::{
+    component::Component,
+    downstream::CallError,
+    error::Reason,
+    telemetry::{
+        metrics::DownstreamMetrics,
+        rpc::{code_name, propagate},
+    },
+};
 
 use super::{Call, CallFuture, Failed, Pushback};
 
 /// Adds [`Attempt`] with the downstream's own per-attempt timeout.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AttemptLayer {
     timeout: Duration,
+    component: Component,
+    rpc: &'static str,
+    metrics: DownstreamMetrics,
 }
 
 impl AttemptLayer {
-    /// Attempts take at most `timeout` (and never more than the deadline allows).
-    pub fn new(timeout: Duration) -> AttemptLayer {
-        AttemptLayer { timeout }
+    /// Attempts at `component`'s `rpc` take at most `timeout` (and never more
+    /// than the deadline allows).
+    pub fn new(
+        timeout: Duration,
+        component: Component,
+        rpc: &'static str,
+        metrics: DownstreamMetrics,
+    ) -> AttemptLayer {
+        AttemptLayer {
+            timeout,
+            component,
+            rpc,
+            metrics,
+        }
     }
 }
 
@@ -32,16 +56,16 @@ impl<S> Layer<S> for AttemptLayer {
     fn layer(&self, inner: S) -> Attempt<S> {
         Attempt {
             inner,
-            timeout: self.timeout,
+            layer: self.clone(),
         }
     }
 }
 
 /// One attempt over a tonic client call `S`.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Attempt<S> {
     inner: S,
-    timeout: Duration,
+    layer: AttemptLayer,
 }
 
 impl<S, M, T> Service<Call<M>> for Attempt<S>
@@ -61,17 +85,51 @@ where
 
     fn call(&mut self, call: Call<M>) -> Self::Future {
         let inner = self.inner.clone();
-        let budget = call.deadline.budget(self.timeout);
-        Box::pin(async move {
-            let budget = budget.map_err(Failed::because)?;
+        let l = &self.layer;
+        let budget = call.deadline.budget(l.timeout);
+        let span = tracing::info_span!(
+            "downstream",
+            otel.name = l.rpc,
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.method = l.rpc,
+            component = l.component.name(),
+            attempt = call.attempt,
+            hedged = call.hedge,
+            budget_ms = field::Empty,
+            rpc.grpc.status_code = field::Empty,
+            reason = field::Empty,
+        );
+        let metrics = l.metrics.clone();
+        let attempt = async move {
+            let span = tracing::Span::current();
+            let budget = budget.map_err(|r| {
+                span.record("reason", r.code());
+                Failed::because(r)
+            })?;
+            span.record("budget_ms", budget.timeout.as_secs_f64() * 1e3);
             let mut request = Request::new(call.message);
             request.set_timeout(budget.timeout);
-            match tokio::time::timeout(budget.timeout, inner.oneshot(request)).await {
-                Ok(Ok(response)) => Ok(response.into_inner()),
-                Ok(Err(status)) => Err(classify(&status, budget.caller_bound)),
-                Err(_elapsed) => Err(Failed::because(timeout_reason(budget.caller_bound))),
+            propagate(&span, request.metadata_mut());
+            let started = Instant::now();
+            let (code, result) =
+                match tokio::time::timeout(budget.timeout, inner.oneshot(request)).await {
+                    Ok(Ok(response)) => (Code::Ok, Ok(response.into_inner())),
+                    Ok(Err(status)) => (status.code(), Err(classify(&status, budget.caller_bound))),
+                    Err(_elapsed) => (
+                        Code::DeadlineExceeded,
+                        Err(Failed::because(timeout_reason(budget.caller_bound))),
+                    ),
+                };
+            let code = code_name(code);
+            metrics.attempt(code, started.elapsed().as_secs_f64());
+            span.record("rpc.grpc.status_code", code);
+            if let Err(f) = &result {
+                span.record("reason", f.reason().map_or("NOT_FOUND", |r| r.code()));
             }
-        })
+            result
+        };
+        Box::pin(attempt.instrument(span))
     }
 }
 

@@ -18,7 +18,10 @@ use std::{
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::{config::BreakerSettings, downstream::CallError, error::Reason};
+use crate::{
+    config::BreakerSettings, downstream::CallError, error::Reason,
+    telemetry::metrics::DownstreamMetrics,
+};
 
 use super::{Call, CallFuture, Failed};
 
@@ -96,6 +99,13 @@ struct Inner {
 pub struct Breaker {
     settings: BreakerSettings,
     inner: Mutex<Inner>,
+    metrics: Option<DownstreamMetrics>,
+}
+
+impl std::fmt::Debug for DownstreamMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DownstreamMetrics")
+    }
 }
 
 /// Permission to make one call; reports its outcome once (dropped unreported
@@ -124,9 +134,18 @@ impl Drop for Permit {
 }
 
 impl Breaker {
+    /// A closed breaker that reports its transitions to `metrics`.
+    pub fn with_metrics(settings: BreakerSettings, metrics: DownstreamMetrics) -> Breaker {
+        Breaker {
+            metrics: Some(metrics),
+            ..Breaker::new(settings)
+        }
+    }
+
     /// A closed breaker.
     pub fn new(settings: BreakerSettings) -> Breaker {
         Breaker {
+            metrics: None,
             inner: Mutex::new(Inner {
                 mode: Mode::Closed,
                 generation: 0,
@@ -166,6 +185,7 @@ impl Breaker {
             Mode::Closed => {}
             Mode::Open { until } => {
                 if Instant::now() < until {
+                    self.reject();
                     return None;
                 }
                 inner.transition(Mode::HalfOpen {
@@ -175,6 +195,7 @@ impl Breaker {
             }
             Mode::HalfOpen { issued, succeeded } => {
                 if issued >= self.settings.half_open_probes {
+                    self.reject();
                     return None;
                 }
                 inner.mode = Mode::HalfOpen {
@@ -188,6 +209,18 @@ impl Breaker {
             generation: inner.generation,
             done: false,
         })
+    }
+
+    fn observe(&self, to: State) {
+        if let Some(m) = &self.metrics {
+            m.transition(to);
+        }
+    }
+
+    fn reject(&self) {
+        if let Some(m) = &self.metrics {
+            m.breaker_rejections.inc();
+        }
     }
 
     fn record(&self, generation: u64, outcome: Outcome) {
@@ -219,6 +252,7 @@ impl Breaker {
                         || inner.slow as f64 >= s.slow_call_rate * n as f64)
                 {
                     inner.transition(open);
+                    self.observe(State::Open);
                 }
             }
             (Mode::HalfOpen { issued, succeeded }, outcome) => match outcome {
@@ -228,13 +262,18 @@ impl Breaker {
                         succeeded,
                     };
                 }
-                Outcome::Failure => inner.transition(open),
+                Outcome::Failure => {
+                    inner.transition(open);
+                    self.observe(State::Open);
+                }
                 Outcome::Success { slow } if slow && s.slow_call_rate < 1.0 => {
-                    inner.transition(open)
+                    inner.transition(open);
+                    self.observe(State::Open);
                 }
                 Outcome::Success { .. } => {
                     if succeeded + 1 >= s.half_open_probes {
                         inner.transition(Mode::Closed);
+                        self.observe(State::Closed);
                     } else {
                         inner.mode = Mode::HalfOpen {
                             issued,

@@ -10,7 +10,7 @@ use std::{
 use tokio::sync::Semaphore;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::error::Reason;
+use crate::{error::Reason, telemetry::metrics::DownstreamMetrics};
 
 use super::{Call, CallFuture, Failed};
 
@@ -18,13 +18,15 @@ use super::{Call, CallFuture, Failed};
 #[derive(Clone, Debug)]
 pub struct BulkheadLayer {
     permits: Arc<Semaphore>,
+    metrics: DownstreamMetrics,
 }
 
 impl BulkheadLayer {
     /// At most `max` calls in flight.
-    pub fn new(max: usize) -> BulkheadLayer {
+    pub fn new(max: usize, metrics: DownstreamMetrics) -> BulkheadLayer {
         BulkheadLayer {
             permits: Arc::new(Semaphore::new(max)),
+            metrics,
         }
     }
 }
@@ -35,6 +37,7 @@ impl<S> Layer<S> for BulkheadLayer {
         Bulkhead {
             inner,
             permits: self.permits.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -44,6 +47,7 @@ impl<S> Layer<S> for BulkheadLayer {
 pub struct Bulkhead<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    metrics: DownstreamMetrics,
 }
 
 impl<S> Bulkhead<S> {
@@ -71,11 +75,38 @@ where
     fn call(&mut self, call: Call<M>) -> Self::Future {
         let permit = self.permits.clone().try_acquire_owned();
         let inner = self.inner.clone();
+        let metrics = self.metrics.clone();
         Box::pin(async move {
+            let Ok(permit) = permit else {
+                metrics.bulkhead_rejections.inc();
+                return Err(Failed::because(Reason::BulkheadFull));
+            };
             // Held until the call ends, however it ends (dropped included).
-            let _permit = permit.map_err(|_| Failed::because(Reason::BulkheadFull))?;
+            let _slot = InUse::new(permit, &metrics);
             inner.oneshot(call).await
         })
+    }
+}
+
+/// A bulkhead slot, counted in the in-use gauge while held.
+struct InUse {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl InUse {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, metrics: &DownstreamMetrics) -> InUse {
+        metrics.bulkhead_in_use.inc();
+        InUse {
+            _permit: permit,
+            gauge: metrics.bulkhead_in_use.clone(),
+        }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        self.gauge.dec();
     }
 }
 
@@ -95,6 +126,7 @@ mod tests {
         Call {
             message: (),
             deadline: d,
+            attempt: 1,
             hedge: false,
         }
     }
@@ -112,7 +144,9 @@ mod tests {
                 Ok::<_, Failed>(())
             }
         });
-        let svc = BulkheadLayer::new(1).layer(inner);
+        let metrics = Arc::new(crate::telemetry::metrics::Metrics::new())
+            .downstream(crate::component::Component::Orders);
+        let svc = BulkheadLayer::new(1, metrics.clone()).layer(inner);
         let first = tokio::spawn(svc.clone().oneshot(call()));
         tokio::task::yield_now().await;
         assert_eq!(svc.in_use(1), 1);
@@ -120,9 +154,12 @@ mod tests {
             .await
             .expect("rejects without waiting");
         assert_eq!(rejected, Err(Failed::because(Reason::BulkheadFull)));
+        assert_eq!(metrics.bulkhead_rejections.get(), 1);
+        assert_eq!(metrics.bulkhead_in_use.get(), 1);
         let _ = release.send(());
         first.await.expect("join").expect("first call succeeds");
         assert_eq!(svc.in_use(1), 0);
+        assert_eq!(metrics.bulkhead_in_use.get(), 0);
         assert!(svc.clone().oneshot(call()).await.is_ok());
     }
 }

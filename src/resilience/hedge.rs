@@ -19,7 +19,7 @@ use tower::{
     retry::budget::{Budget, TpsBudget},
 };
 
-use crate::config::HedgeSettings;
+use crate::{config::HedgeSettings, telemetry::metrics::DownstreamMetrics};
 
 use super::{Call, CallFuture, Failed};
 
@@ -88,15 +88,21 @@ pub struct HedgeLayer {
     settings: Arc<HedgeSettings>,
     latencies: Arc<Latencies>,
     budget: Arc<TpsBudget>,
+    metrics: DownstreamMetrics,
 }
 
 impl HedgeLayer {
     /// Hedges per `settings`, drawing on `budget`.
-    pub fn new(settings: HedgeSettings, budget: Arc<TpsBudget>) -> HedgeLayer {
+    pub fn new(
+        settings: HedgeSettings,
+        budget: Arc<TpsBudget>,
+        metrics: DownstreamMetrics,
+    ) -> HedgeLayer {
         HedgeLayer {
             latencies: Arc::new(Latencies::new(settings.percentile)),
             settings: Arc::new(settings),
             budget,
+            metrics,
         }
     }
 }
@@ -109,6 +115,7 @@ impl<S> Layer<S> for HedgeLayer {
             settings: self.settings.clone(),
             latencies: self.latencies.clone(),
             budget: self.budget.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -120,6 +127,7 @@ pub struct Hedge<S> {
     settings: Arc<HedgeSettings>,
     latencies: Arc<Latencies>,
     budget: Arc<TpsBudget>,
+    metrics: DownstreamMetrics,
 }
 
 /// Runs one attempt and records its latency if the downstream answered.
@@ -158,6 +166,7 @@ where
         let settings = self.settings.clone();
         let latencies = self.latencies.clone();
         let budget = self.budget.clone();
+        let hedges = self.metrics.hedges.clone();
         Box::pin(async move {
             let delay = (latencies.count() >= settings.min_samples as u64)
                 .then(|| latencies.threshold())
@@ -175,6 +184,7 @@ where
             if !call.deadline.has_time_after(Duration::ZERO) || !budget.withdraw() {
                 return first.await;
             }
+            hedges.inc();
             let copy = Call {
                 hedge: true,
                 ..call
@@ -206,8 +216,14 @@ mod tests {
         Call {
             message: (),
             deadline: d,
+            attempt: 1,
             hedge: false,
         }
+    }
+
+    fn metrics() -> DownstreamMetrics {
+        Arc::new(crate::telemetry::metrics::Metrics::new())
+            .downstream(crate::component::Component::Orders)
     }
 
     #[test]
@@ -250,7 +266,7 @@ mod tests {
             ..HedgeSettings::default()
         };
         let budget = Arc::new(TpsBudget::new(Duration::from_secs(10), 100, 1.0));
-        let svc = HedgeLayer::new(settings, budget).layer(inner);
+        let svc = HedgeLayer::new(settings, budget, metrics()).layer(inner);
         // Warm up with fast calls only (call 0 fast; odd calls would be slow,
         // so record four fast latencies by hand).
         for _ in 0..4 {
@@ -286,12 +302,12 @@ mod tests {
             min_samples: 1000,
             ..HedgeSettings::default()
         };
-        HedgeLayer::new(on, budget.clone())
+        HedgeLayer::new(on, budget.clone(), metrics())
             .layer(inner.clone())
             .oneshot(call())
             .await
             .expect("ok");
-        HedgeLayer::new(HedgeSettings::default(), budget)
+        HedgeLayer::new(HedgeSettings::default(), budget, metrics())
             .layer(inner)
             .oneshot(call())
             .await

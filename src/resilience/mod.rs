@@ -26,6 +26,8 @@ pub struct Call<M> {
     pub message: M,
     /// The caller's deadline; each attempt takes its budget from it.
     pub deadline: Deadline,
+    /// 1 for the first attempt, 2 for the first retry, ...
+    pub attempt: u32,
     /// Whether this copy is a hedge.
     pub hedge: bool,
 }

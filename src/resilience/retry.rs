@@ -21,7 +21,7 @@ use tower::{
     retry::budget::{Budget, TpsBudget},
 };
 
-use crate::config::RetrySettings;
+use crate::{config::RetrySettings, telemetry::metrics::DownstreamMetrics};
 
 use super::{Call, CallFuture, Failed, Pushback};
 
@@ -30,14 +30,20 @@ use super::{Call, CallFuture, Failed, Pushback};
 pub struct RetryLayer {
     settings: Arc<RetrySettings>,
     budget: Arc<TpsBudget>,
+    metrics: DownstreamMetrics,
 }
 
 impl RetryLayer {
     /// Retries per `settings`, drawing on `budget`.
-    pub fn new(settings: RetrySettings, budget: Arc<TpsBudget>) -> RetryLayer {
+    pub fn new(
+        settings: RetrySettings,
+        budget: Arc<TpsBudget>,
+        metrics: DownstreamMetrics,
+    ) -> RetryLayer {
         RetryLayer {
             settings: Arc::new(settings),
             budget,
+            metrics,
         }
     }
 }
@@ -49,6 +55,7 @@ impl<S> Layer<S> for RetryLayer {
             inner,
             settings: self.settings.clone(),
             budget: self.budget.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -59,6 +66,7 @@ pub struct Retry<S> {
     inner: S,
     settings: Arc<RetrySettings>,
     budget: Arc<TpsBudget>,
+    metrics: DownstreamMetrics,
 }
 
 /// Full-jitter backoff before retry number `retry` (1-based).
@@ -89,11 +97,16 @@ where
         let inner = self.inner.clone();
         let settings = self.settings.clone();
         let budget = self.budget.clone();
+        let retries = self.metrics.retries.clone();
         Box::pin(async move {
             budget.deposit();
             let mut attempt = 1;
             loop {
-                let result = inner.clone().oneshot(call.clone()).await;
+                let this = Call {
+                    attempt,
+                    ..call.clone()
+                };
+                let result = inner.clone().oneshot(this).await;
                 let Err(failed) = &result else {
                     return result;
                 };
@@ -109,6 +122,7 @@ where
                     return result;
                 }
                 tokio::time::sleep(wait).await;
+                retries.inc();
                 attempt += 1;
             }
         })
@@ -133,6 +147,7 @@ mod tests {
         Call {
             message: (),
             deadline: d,
+            attempt: 1,
             hedge: false,
         }
     }
@@ -169,6 +184,8 @@ mod tests {
                 ..RetrySettings::default()
             },
             Arc::new(TpsBudget::new(Duration::from_secs(10), floor, percent)),
+            Arc::new(crate::telemetry::metrics::Metrics::new())
+                .downstream(crate::component::Component::Orders),
         )
     }
 

@@ -24,6 +24,7 @@ use tonic::transport::Channel;
 pub struct Harness {
     pub bfb: SocketAddr,
     pub sim: SocketAddr,
+    pub metrics: SocketAddr,
     _stop: watch::Sender<()>,
 }
 
@@ -42,14 +43,24 @@ pub async fn start(sim_config: SimConfig, tweak: impl FnOnce(&mut Config)) -> Ha
     let mut config = Config::example()
         .expect("example config")
         .with_all_endpoints(&format!("http://{sim}"));
+    config.server.drain_delay = Duration::ZERO;
     tweak(&mut config);
     assert!(config.problems().is_empty(), "{:?}", config.problems());
-    let bfb_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind bfb");
-    let bfb = bfb_listener.local_addr().expect("bfb addr");
-    tokio::spawn(async move { bfb::server::serve(&config, bfb_listener, stopped(rx)).await });
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind bfb");
+    let bfb = grpc.local_addr().expect("bfb addr");
+    let metrics_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let metrics = metrics_listener.local_addr().expect("metrics addr");
+    let listeners = bfb::server::Listeners {
+        grpc,
+        metrics: Some(metrics_listener),
+    };
+    tokio::spawn(async move { bfb::server::serve(&config, listeners, stopped(rx)).await });
     Harness {
         bfb,
         sim,
+        metrics,
         _stop: stop,
     }
 }

@@ -1,0 +1,315 @@
+//! Prometheus metrics (the `prometheus-client` crate) and the `/metrics`
+//! endpoint.
+//!
+//! Names follow Prometheus conventions: base units (`_seconds`), counters end
+//! in `_total` (added by the client), and every label set is bounded: method,
+//! component, downstream, gRPC code or reason code. No ids.
+
+use std::{future::Future, net::SocketAddr, sync::Arc};
+
+use axum::{Router, http::header, routing::get};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::{Family, MetricConstructor},
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::{component::Component, resilience::breaker::State};
+
+/// Labels of inbound RPC series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// `GetCustomer`, ...
+    pub method: &'static str,
+    /// gRPC code name, e.g. `OK`, `UNAVAILABLE`.
+    pub code: &'static str,
+}
+
+/// Labels of per-method series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// `GetCustomer`, ...
+    pub method: &'static str,
+}
+
+/// Labels of per-downstream series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DownstreamLabels {
+    /// Component name of the downstream (`orders`, ...).
+    pub downstream: &'static str,
+}
+
+/// Labels of downstream attempt outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    /// Component name of the downstream.
+    pub downstream: &'static str,
+    /// gRPC code name of the attempt's result (`DEADLINE_EXCEEDED` for a local timeout).
+    pub code: &'static str,
+}
+
+/// Labels of breaker transitions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    /// Component name of the downstream.
+    pub downstream: &'static str,
+    /// `closed`, `open` or `half_open`.
+    pub to: &'static str,
+}
+
+/// Labels of degraded answers.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DegradedLabels {
+    /// The component that was not OK.
+    pub component: &'static str,
+    /// Its reason code.
+    pub reason: &'static str,
+}
+
+/// Histogram buckets from 100 µs to ~26 s.
+#[derive(Clone, Copy)]
+pub struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+    }
+}
+
+/// Components per request: 0 to 8.
+#[derive(Clone, Copy)]
+pub struct FanoutBuckets;
+
+impl MetricConstructor<Histogram> for FanoutBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new((0..=8).map(f64::from))
+    }
+}
+
+/// Every metric bfb exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Inbound RPC latency by method and code (its `_count` is the RPC count).
+    pub rpc_duration: Family<RpcLabels, Histogram, LatencyBuckets>,
+    /// Downstream attempt latency by downstream and code.
+    pub downstream_duration: Family<AttemptLabels, Histogram, LatencyBuckets>,
+    /// Breaker state per downstream: 0 closed, 1 half-open, 2 open.
+    pub breaker_state: Family<DownstreamLabels, Gauge>,
+    /// Breaker transitions per downstream and target state.
+    pub breaker_transitions: Family<TransitionLabels, Counter>,
+    /// Calls in flight per downstream (bulkhead slots in use).
+    pub bulkhead_in_use: Family<DownstreamLabels, Gauge>,
+    /// Calls rejected by a full bulkhead.
+    pub bulkhead_rejections: Family<DownstreamLabels, Counter>,
+    /// Calls rejected by an open breaker.
+    pub breaker_rejections: Family<DownstreamLabels, Counter>,
+    /// Retries sent.
+    pub retries: Family<DownstreamLabels, Counter>,
+    /// Hedged copies sent.
+    pub hedges: Family<DownstreamLabels, Counter>,
+    /// Inbound calls shed at the global cap.
+    pub load_shed: Counter,
+    /// Answers with a component not OK, by component and reason.
+    pub degraded: Family<DegradedLabels, Counter>,
+    /// Components fetched per request.
+    pub fanout: Family<MethodLabels, Histogram, FanoutBuckets>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A registry with every bfb metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            rpc_duration: Family::new_with_constructor(LatencyBuckets),
+            downstream_duration: Family::new_with_constructor(LatencyBuckets),
+            breaker_state: Family::default(),
+            breaker_transitions: Family::default(),
+            bulkhead_in_use: Family::default(),
+            bulkhead_rejections: Family::default(),
+            breaker_rejections: Family::default(),
+            retries: Family::default(),
+            hedges: Family::default(),
+            load_shed: Counter::default(),
+            degraded: Family::default(),
+            fanout: Family::new_with_constructor(FanoutBuckets),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "bfb_rpc_duration_seconds",
+            "Inbound RPC latency by method and gRPC code",
+            m.rpc_duration.clone(),
+        );
+        r.register(
+            "bfb_downstream_duration_seconds",
+            "Downstream attempt latency by downstream and gRPC code",
+            m.downstream_duration.clone(),
+        );
+        r.register(
+            "bfb_breaker_state",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            m.breaker_state.clone(),
+        );
+        r.register(
+            "bfb_breaker_transitions",
+            "Circuit breaker state changes",
+            m.breaker_transitions.clone(),
+        );
+        r.register(
+            "bfb_breaker_rejections",
+            "Calls rejected by an open circuit breaker",
+            m.breaker_rejections.clone(),
+        );
+        r.register(
+            "bfb_bulkhead_in_use",
+            "Downstream calls in flight (bulkhead slots in use)",
+            m.bulkhead_in_use.clone(),
+        );
+        r.register(
+            "bfb_bulkhead_rejections",
+            "Calls rejected by a full bulkhead",
+            m.bulkhead_rejections.clone(),
+        );
+        r.register("bfb_retries", "Downstream retries sent", m.retries.clone());
+        r.register(
+            "bfb_hedges",
+            "Hedged downstream copies sent",
+            m.hedges.clone(),
+        );
+        r.register(
+            "bfb_load_shed",
+            "Inbound calls rejected at the global concurrency cap",
+            m.load_shed.clone(),
+        );
+        r.register(
+            "bfb_degraded_responses",
+            "Answers with a component not OK, by component and reason",
+            m.degraded.clone(),
+        );
+        r.register(
+            "bfb_fanout_components",
+            "Components fetched per request",
+            m.fanout.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// The per-downstream handles a resilience stack updates.
+    pub fn downstream(self: &Arc<Self>, c: Component) -> DownstreamMetrics {
+        let l = DownstreamLabels {
+            downstream: c.name(),
+        };
+        DownstreamMetrics {
+            downstream: c.name(),
+            metrics: self.clone(),
+            breaker_state: self.breaker_state.get_or_create(&l).clone(),
+            breaker_rejections: self.breaker_rejections.get_or_create(&l).clone(),
+            bulkhead_in_use: self.bulkhead_in_use.get_or_create(&l).clone(),
+            bulkhead_rejections: self.bulkhead_rejections.get_or_create(&l).clone(),
+            retries: self.retries.get_or_create(&l).clone(),
+            hedges: self.hedges.get_or_create(&l).clone(),
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One downstream's metric handles, resolved once (no label lookups per call
+/// except for the attempt's code).
+#[derive(Clone)]
+pub struct DownstreamMetrics {
+    downstream: &'static str,
+    metrics: Arc<Metrics>,
+    /// Breaker state gauge.
+    pub breaker_state: Gauge,
+    /// Open-breaker rejections.
+    pub breaker_rejections: Counter,
+    /// Bulkhead slots in use.
+    pub bulkhead_in_use: Gauge,
+    /// Bulkhead rejections.
+    pub bulkhead_rejections: Counter,
+    /// Retries sent.
+    pub retries: Counter,
+    /// Hedges sent.
+    pub hedges: Counter,
+}
+
+impl DownstreamMetrics {
+    /// Records a finished attempt.
+    pub fn attempt(&self, code: &'static str, seconds: f64) {
+        self.metrics
+            .downstream_duration
+            .get_or_create(&AttemptLabels {
+                downstream: self.downstream,
+                code,
+            })
+            .observe(seconds);
+    }
+
+    /// Records a breaker transition.
+    pub fn transition(&self, to: State) {
+        let (value, name) = match to {
+            State::Closed => (0, "closed"),
+            State::HalfOpen => (1, "half_open"),
+            State::Open => (2, "open"),
+        };
+        self.breaker_state.set(value);
+        self.metrics
+            .breaker_transitions
+            .get_or_create(&TransitionLabels {
+                downstream: self.downstream,
+                to: name,
+            })
+            .inc();
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    tracing::info!(addr = ?listener.local_addr().ok(), "metrics endpoint serving");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The address of a bound metrics listener, for logs.
+pub fn describe(addr: Option<SocketAddr>) -> String {
+    addr.map_or_else(|| "off".into(), |a| format!("http://{a}/metrics"))
+}

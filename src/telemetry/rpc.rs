@@ -1,0 +1,226 @@
+//! Around every inbound RPC: a server span parented on the caller's W3C
+//! trace context, the `x-request-id` (accepted or generated, returned, logged
+//! and passed downstream), one info log line, and the RPC metrics. And the
+//! carriers that move trace context and request id through gRPC metadata.
+
+use std::{future::Future, time::Instant};
+
+use opentelemetry::propagation::{Extractor, Injector};
+use tonic::{
+    Code, Response, Status,
+    metadata::{MetadataKey, MetadataMap, MetadataValue},
+};
+use tracing::{Instrument, field};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::metrics::{DegradedLabels, MethodLabels, Metrics, RpcLabels};
+
+/// Metadata key of the request id.
+pub const REQUEST_ID: &str = "x-request-id";
+/// Longest accepted inbound request id; longer or non-printable ones are replaced.
+const MAX_REQUEST_ID: usize = 128;
+
+tokio::task_local! {
+    /// The request id of the RPC this task serves (downstream calls run in
+    /// the handler's task, so they read it here).
+    static CURRENT_REQUEST_ID: String;
+}
+
+/// The request id of the current RPC, if any.
+pub fn current_request_id() -> Option<String> {
+    CURRENT_REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+/// Reads W3C trace context from gRPC metadata.
+pub struct MetadataExtractor<'a>(pub &'a MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+/// Writes W3C trace context into gRPC metadata.
+pub struct MetadataInjector<'a>(pub &'a mut MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (MetadataKey::from_bytes(key.as_bytes()), value.parse()) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Adds the current span's trace context and the current request id to a
+/// downstream request's metadata (an allow-list: nothing else is forwarded).
+pub fn propagate(span: &tracing::Span, metadata: &mut MetadataMap) {
+    let cx = span.context();
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&cx, &mut MetadataInjector(metadata));
+    });
+    if let Some(id) = current_request_id()
+        && let Ok(v) = MetadataValue::try_from(id.as_str())
+    {
+        metadata.insert(REQUEST_ID, v);
+    }
+}
+
+fn request_id(metadata: &MetadataMap) -> String {
+    metadata
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|id| {
+            !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+}
+
+/// The stable upper-case name of a gRPC code, for labels and logs.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// What the wrapper needs to know about an answer.
+pub struct Summary {
+    /// Components fetched.
+    pub fetched: usize,
+    /// Components not OK, with their reason codes.
+    pub degraded: Vec<(&'static str, &'static str)>,
+}
+
+/// Runs one RPC handler `f` with its span, request id, log line and metrics.
+pub async fn observe<T, F>(
+    metrics: &Metrics,
+    method: &'static str,
+    metadata: &MetadataMap,
+    summarize: impl FnOnce(&T) -> Summary,
+    f: F,
+) -> Result<Response<T>, Status>
+where
+    F: Future<Output = Result<Response<T>, Status>>,
+{
+    let started = Instant::now();
+    let request_id = request_id(metadata);
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = method,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.method = method,
+        request_id = %request_id,
+        rpc.grpc.status_code = field::Empty,
+        degraded = field::Empty,
+    );
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    // Only fails when no OpenTelemetry layer is installed; then there is no trace to join.
+    let _ = span.set_parent(parent);
+
+    let result = CURRENT_REQUEST_ID
+        .scope(request_id.clone(), f)
+        .instrument(span.clone())
+        .await;
+
+    let (code, summary) = match &result {
+        Ok(r) => (Code::Ok, Some(summarize(r.get_ref()))),
+        Err(s) => (s.code(), None),
+    };
+    let elapsed = started.elapsed();
+    let code = code_name(code);
+    metrics
+        .rpc_duration
+        .get_or_create(&RpcLabels { method, code })
+        .observe(elapsed.as_secs_f64());
+    let degraded = summary
+        .as_ref()
+        .map(|s| s.degraded.as_slice())
+        .unwrap_or_default();
+    if let Some(s) = &summary {
+        metrics
+            .fanout
+            .get_or_create(&MethodLabels { method })
+            .observe(s.fetched as f64);
+        for &(component, reason) in &s.degraded {
+            metrics
+                .degraded
+                .get_or_create(&DegradedLabels { component, reason })
+                .inc();
+        }
+    }
+    let degraded_list = degraded
+        .iter()
+        .map(|(c, r)| format!("{c}:{r}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    span.record("rpc.grpc.status_code", code);
+    if !degraded_list.is_empty() {
+        span.record("degraded", degraded_list.as_str());
+    }
+    // No entity ids or data at info level: method, outcome, timing, ids of the request only.
+    tracing::info!(
+        parent: &span,
+        method,
+        status = code,
+        duration_ms = elapsed.as_secs_f64() * 1e3,
+        degraded = degraded_list.as_str(),
+        request_id = request_id.as_str(),
+        "rpc"
+    );
+    match result {
+        Ok(mut r) => {
+            if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
+                r.metadata_mut().insert(REQUEST_ID, v);
+            }
+            Ok(r)
+        }
+        Err(mut s) => {
+            if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
+                s.metadata_mut().insert(REQUEST_ID, v);
+            }
+            Err(s)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_accepted_when_sane_and_generated_otherwise() {
+        let mut md = MetadataMap::new();
+        md.insert(REQUEST_ID, "abc-123".parse().expect("ascii"));
+        assert_eq!(request_id(&md), "abc-123");
+        md.insert(REQUEST_ID, "x".repeat(200).parse().expect("ascii"));
+        assert_ne!(request_id(&md), "x".repeat(200));
+        let generated = request_id(&MetadataMap::new());
+        assert_eq!(generated.len(), 36, "a UUID");
+    }
+}
