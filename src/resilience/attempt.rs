@@ -94,7 +94,8 @@ where
             rpc.system = "grpc",
             rpc.method = l.rpc,
             component = l.component.name(),
-            attempt = call.attempt,
+            // OTLP has no unsigned integers; u32 would be exported as a string.
+            attempt = i64::from(call.attempt),
             hedged = call.hedge,
             budget_ms = field::Empty,
             rpc.grpc.status_code = field::Empty,

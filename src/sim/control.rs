@@ -119,6 +119,7 @@ impl SimControl for Control {
                     cancelled: s.cancelled,
                     in_flight: s.in_flight,
                     last_grpc_timeout: s.last_timeout.and_then(to_pb_duration),
+                    last_metadata: s.last_metadata.into_iter().collect(),
                     behavior: Some(s.behavior.into()),
                 };
                 (c.name().to_string(), stats)

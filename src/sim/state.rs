@@ -2,6 +2,7 @@
 //! (its stats), shared by the services and `SimControl`.
 
 use std::{
+    collections::BTreeMap,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -52,6 +53,7 @@ struct Counters {
     cancelled: AtomicU64,
     in_flight: AtomicU64,
     last_timeout: Mutex<Option<Duration>>,
+    last_metadata: Mutex<BTreeMap<String, String>>,
 }
 
 /// A snapshot of one service's stats.
@@ -65,6 +67,8 @@ pub struct Stats {
     pub in_flight: u64,
     /// `grpc-timeout` of the last call.
     pub last_timeout: Option<Duration>,
+    /// ASCII metadata of the last call.
+    pub last_metadata: BTreeMap<String, String>,
     /// The current behaviour.
     pub behavior: Behavior,
 }
@@ -99,6 +103,7 @@ impl SimState {
             s.calls.store(0, Ordering::Relaxed);
             s.cancelled.store(0, Ordering::Relaxed);
             *lock(&s.last_timeout) = None;
+            lock(&s.last_metadata).clear();
         }
         self.peak_in_flight.store(
             self.total_in_flight.load(Ordering::Relaxed),
@@ -119,6 +124,7 @@ impl SimState {
             cancelled: s.cancelled.load(Ordering::Relaxed),
             in_flight: s.in_flight.load(Ordering::Relaxed),
             last_timeout: *lock(&s.last_timeout),
+            last_metadata: lock(&s.last_metadata).clone(),
             behavior: *lock(&s.behavior),
         }
     }
@@ -138,6 +144,15 @@ impl SimState {
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout);
+        *lock(&s.last_metadata) = metadata
+            .iter()
+            .filter_map(|kv| match kv {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))
+                }
+                tonic::metadata::KeyAndValueRef::Binary(..) => None,
+            })
+            .collect();
         let guard = InFlight::enter(self, s);
 
         let behavior = *lock(&s.behavior);

@@ -223,13 +223,41 @@ impl Metrics {
         }
     }
 
-    /// The text exposition.
+    /// The exposition in the Prometheus text format (0.0.4).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &self.registry);
-        out
+        to_prometheus_text(&out)
     }
+}
+
+/// Turns `prometheus-client`'s OpenMetrics text into the classic Prometheus
+/// text format, which every scraper and `promtool check metrics` read:
+/// OpenMetrics names a counter family `x` with samples `x_total`; the classic
+/// format names the family `x_total` too. The `# EOF` marker is dropped.
+/// Hand-written because the crate only writes OpenMetrics.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: Vec<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + counters.len() * 16);
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(&name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 /// One downstream's metric handles, resolved once (no label lookups per call
@@ -312,4 +340,21 @@ pub async fn serve(
 /// The address of a bound metrics listener, for logs.
 pub fn describe(addr: Option<SocketAddr>) -> String {
     addr.map_or_else(|| "off".into(), |a| format!("http://{a}/metrics"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_total_name_in_help_and_type() {
+        let m = Metrics::new();
+        m.load_shed.inc();
+        let text = m.encode();
+        assert!(text.contains("# HELP bfb_load_shed_total "), "{text}");
+        assert!(text.contains("# TYPE bfb_load_shed_total counter"));
+        assert!(text.contains("\nbfb_load_shed_total 1\n"));
+        assert!(text.contains("# TYPE bfb_fanout_components histogram"));
+        assert!(!text.contains("# EOF"));
+    }
 }
