@@ -4,7 +4,7 @@ TOOLS := $(CURDIR)/.tools
 # Test tools installed by scripts/install-test-tools.sh come first on PATH.
 export PATH := $(TOOLS)/venv/bin:$(PATH)
 
-.PHONY: run test test-tools bench lint fmt
+.PHONY: run test test-tools bench lint fmt release
 
 ## Run the demo: simulated downstream services and bfb in one process.
 run:
@@ -22,6 +22,10 @@ test-tools:
 bench:
 	cargo bench --locked --bench fanout
 	cargo bench --locked --bench hedge
+
+## The release binary, built exactly as the Dockerfile builds it.
+release:
+	cargo build --release --locked --bin bfb
 
 ## Formatting and clippy, warnings as errors.
 lint:

@@ -1,0 +1,158 @@
+//! The container and Kubernetes manifests agree with bfb: every manifest
+//! parses, the ConfigMap holds a valid config, probes hit the gRPC port and
+//! the health service names bfb serves, the grace period covers the drain,
+//! and selectors and references line up.
+
+use std::time::Duration;
+
+use bfb::{config::Config, server::READINESS};
+use serde_norway::Value;
+
+fn manifest(name: &str) -> Value {
+    let path = format!("deploy/kubernetes/{name}");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.')
+        .fold(v, |v, key| match key.parse::<usize>() {
+            Ok(i) => &v[i],
+            Err(_) => &v[key],
+        })
+}
+
+fn port(addr: std::net::SocketAddr) -> u64 {
+    u64::from(addr.port())
+}
+
+#[test]
+fn manifests_agree_with_the_config_and_the_server() {
+    let cm = manifest("configmap.yaml");
+    let deploy = manifest("deployment.yaml");
+    let service = manifest("service.yaml");
+    let pdb = manifest("pdb.yaml");
+    let hpa = manifest("hpa.yaml");
+    for (v, kind) in [
+        (&cm, "ConfigMap"),
+        (&deploy, "Deployment"),
+        (&service, "Service"),
+        (&pdb, "PodDisruptionBudget"),
+        (&hpa, "HorizontalPodAutoscaler"),
+    ] {
+        assert_eq!(v["kind"].as_str(), Some(kind));
+    }
+
+    let toml = cm["data"]["bfb.toml"]
+        .as_str()
+        .expect("bfb.toml in the ConfigMap");
+    let config = Config::parse(toml).unwrap_or_else(|e| panic!("ConfigMap config: {e}"));
+    let metrics = config
+        .telemetry
+        .metrics_listen
+        .expect("metrics endpoint on");
+
+    let pod = at(&deploy, "spec.template.spec");
+    let container = at(pod, "containers.0");
+    let ports = container["ports"].as_sequence().expect("ports");
+    let named = |name: &str| {
+        ports
+            .iter()
+            .find(|p| p["name"].as_str() == Some(name))
+            .and_then(|p| p["containerPort"].as_u64())
+            .unwrap_or_else(|| panic!("port {name}"))
+    };
+    assert_eq!(named("grpc"), port(config.listen));
+    assert_eq!(named("metrics"), port(metrics));
+    assert!(
+        config.listen.ip().is_unspecified(),
+        "listen on all interfaces in a pod"
+    );
+
+    // Probes: native gRPC, on the gRPC port, the service names bfb serves.
+    assert_eq!(
+        at(container, "livenessProbe.grpc.port").as_u64(),
+        Some(port(config.listen))
+    );
+    assert_eq!(
+        at(container, "livenessProbe.grpc.service").as_str(),
+        Some("")
+    );
+    assert_eq!(
+        at(container, "readinessProbe.grpc.port").as_u64(),
+        Some(port(config.listen))
+    );
+    assert_eq!(
+        at(container, "readinessProbe.grpc.service").as_str(),
+        Some(READINESS)
+    );
+
+    // The grace period covers the drain and the in-flight grace.
+    let grace = Duration::from_secs(
+        pod["terminationGracePeriodSeconds"]
+            .as_u64()
+            .expect("grace"),
+    );
+    assert!(
+        grace > config.server.drain_delay + config.server.shutdown_grace,
+        "{grace:?}"
+    );
+
+    // Resources, non-root, the config mounted where the args point.
+    assert!(at(container, "resources.requests.cpu").is_string());
+    assert!(at(container, "resources.limits.memory").is_string());
+    assert_eq!(
+        at(pod, "securityContext.runAsNonRoot").as_bool(),
+        Some(true)
+    );
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(args, ["serve", "--config", "/etc/bfb/bfb.toml"]);
+    assert_eq!(
+        at(container, "volumeMounts.0.mountPath").as_str(),
+        Some("/etc/bfb")
+    );
+    assert_eq!(at(pod, "volumes.0.configMap.name"), &cm["metadata"]["name"]);
+
+    // Selectors and references line up.
+    let labels = at(&deploy, "spec.template.metadata.labels");
+    assert_eq!(at(&deploy, "spec.selector.matchLabels"), labels);
+    assert_eq!(at(&service, "spec.selector"), labels);
+    assert_eq!(at(&pdb, "spec.selector.matchLabels"), labels);
+    assert_eq!(
+        at(&hpa, "spec.scaleTargetRef.name"),
+        at(&deploy, "metadata.name")
+    );
+    for p in service["spec"]["ports"]
+        .as_sequence()
+        .expect("service ports")
+    {
+        let target = p["targetPort"].as_str().expect("named targetPort");
+        assert!(
+            ports.iter().any(|c| c["name"].as_str() == Some(target)),
+            "{target}"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_builds_the_release_binary_as_make_release_does_and_runs_as_non_root() {
+    let docker = std::fs::read_to_string("Dockerfile").expect("Dockerfile");
+    let make = std::fs::read_to_string("Makefile").expect("Makefile");
+    let build = "cargo build --release --locked --bin bfb";
+    assert!(docker.contains(&format!("RUN {build}")));
+    assert!(
+        make.contains(&format!("\t{build}")),
+        "make release uses the same command"
+    );
+    assert!(docker.matches("\nFROM ").count() >= 2, "multi-stage");
+    assert!(docker.contains("\nUSER nonroot"));
+    assert!(docker.contains("COPY --from=build /src/target/release/bfb /usr/local/bin/bfb"));
+    assert!(docker.contains(r#"CMD ["serve", "--config", "/etc/bfb/bfb.toml"]"#));
+    // The config the image ships is valid.
+    Config::parse(bfb::config::EXAMPLE).expect("example config");
+}
