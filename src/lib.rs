@@ -19,6 +19,8 @@
 //!   budget as `grpc-timeout`, status classification).
 //! - [`inbound`]: protection in front of every bfb service: global load
 //!   shedding, a hard timeout answered as DEADLINE_EXCEEDED, oversized requests.
+//! - [`telemetry`]: logs, OTLP traces with W3C propagation, Prometheus
+//!   metrics and their endpoint, and the span/log/metrics around every RPC.
 //! - [`error`]: the request error type and its single mapping to
 //!   `tonic::Status` with `google.rpc` details.
 //! - [`component`]: the components of the aggregates and read-mask parsing.

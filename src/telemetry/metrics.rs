@@ -350,6 +350,11 @@ mod tests {
     fn counters_get_their_total_name_in_help_and_type() {
         let m = Metrics::new();
         m.load_shed.inc();
+        m.fanout
+            .get_or_create(&MethodLabels {
+                method: "GetCustomer",
+            })
+            .observe(4.0);
         let text = m.encode();
         assert!(text.contains("# HELP bfb_load_shed_total "), "{text}");
         assert!(text.contains("# TYPE bfb_load_shed_total counter"));
