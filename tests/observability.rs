@@ -479,3 +479,35 @@ async fn spans_reach_an_otlp_receiver_as_one_tree_and_trace_context_goes_downstr
         format!("00-{trace_id}-{}-01", hex(&orders_span.span_id))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_collector_never_affects_calls() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let (sim, _sim_stop) = start_sim(SimConfig::default()).await;
+    let (mut bfb, addr) = spawn_bfb(sim, |c| {
+        c.replace(
+            "# otlp_endpoint = \"http://127.0.0.1:4317\"",
+            &format!("otlp_endpoint = \"http://{dead}\""),
+        )
+        .replace("export_interval = \"5s\"", "export_interval = \"10ms\"")
+        .replace("drain_delay = \"5s\"", "drain_delay = \"0s\"")
+    })
+    .await;
+    let mut client = CustomerAggregateServiceClient::new(common::channel(addr).await);
+    for i in 1..=50 {
+        let resp = client
+            .get_customer(get(&format!("c-{i}")))
+            .await
+            .expect("ok despite the collector");
+        assert!(!resp.into_inner().status.expect("status").degraded);
+    }
+    sigterm(&bfb);
+    let status = tokio::time::timeout(Duration::from_secs(30), bfb.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status:?}");
+}

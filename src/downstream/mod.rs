@@ -126,10 +126,14 @@ macro_rules! downstream {
             .downstream($component)
             .ok_or(EndpointError::Missing($component))?;
         let channel = $channels.get($component, settings)?;
-        let client = $client::new(channel)
-            .max_decoding_message_size($config.server.max_downstream_response_bytes);
+        // Behind an Arc: every layer clones the stack below it per call, and
+        // a tonic client is not cheap to clone; it is cloned once per attempt.
+        let client = Arc::new(
+            $client::new(channel)
+                .max_decoding_message_size($config.server.max_downstream_response_bytes),
+        );
         let rpc = tower::service_fn(move |request| {
-            let mut client = client.clone();
+            let mut client = $client::clone(&client);
             async move { client.$method(request).await }
         });
         let (stack, breaker) = stack::build($component, $rpc, settings, $metrics, rpc);

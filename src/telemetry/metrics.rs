@@ -211,7 +211,7 @@ impl Metrics {
         let l = DownstreamLabels {
             downstream: c.name(),
         };
-        DownstreamMetrics {
+        DownstreamMetrics(Arc::new(DownstreamHandles {
             downstream: c.name(),
             metrics: self.clone(),
             breaker_state: self.breaker_state.get_or_create(&l).clone(),
@@ -220,7 +220,7 @@ impl Metrics {
             bulkhead_rejections: self.bulkhead_rejections.get_or_create(&l).clone(),
             retries: self.retries.get_or_create(&l).clone(),
             hedges: self.hedges.get_or_create(&l).clone(),
-        }
+        }))
     }
 
     /// The exposition in the Prometheus text format (0.0.4).
@@ -261,9 +261,19 @@ fn to_prometheus_text(openmetrics: &str) -> String {
 }
 
 /// One downstream's metric handles, resolved once (no label lookups per call
-/// except for the attempt's code).
+/// except for the attempt's code). One `Arc`: layers clone it per call.
 #[derive(Clone)]
-pub struct DownstreamMetrics {
+pub struct DownstreamMetrics(Arc<DownstreamHandles>);
+
+impl std::ops::Deref for DownstreamMetrics {
+    type Target = DownstreamHandles;
+    fn deref(&self) -> &DownstreamHandles {
+        &self.0
+    }
+}
+
+/// The handles behind [`DownstreamMetrics`].
+pub struct DownstreamHandles {
     downstream: &'static str,
     metrics: Arc<Metrics>,
     /// Breaker state gauge.
@@ -280,7 +290,7 @@ pub struct DownstreamMetrics {
     pub hedges: Counter,
 }
 
-impl DownstreamMetrics {
+impl DownstreamHandles {
     /// Records a finished attempt.
     pub fn attempt(&self, code: &'static str, seconds: f64) {
         self.metrics
