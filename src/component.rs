@@ -67,6 +67,22 @@ impl Component {
         }
     }
 
+    /// The downstream contract (package and version) the component comes
+    /// from; part of cache keys, so a new contract version never reads
+    /// entries written under the old one.
+    pub const fn contract(self) -> &'static str {
+        match self {
+            Component::Profile => "downstream.profile.v1",
+            Component::Favorites => "downstream.favorites.v1",
+            Component::Reviews => "downstream.reviews.v1",
+            Component::Orders => "downstream.orders.v1",
+            Component::Calls => "downstream.calls.v1",
+            Component::Emails => "downstream.emails.v1",
+            Component::Sms => "downstream.sms.v1",
+            Component::Directory => "downstream.directory.v1",
+        }
+    }
+
     /// Position in [`Component::ALL`], for per-component arrays.
     pub const fn index(self) -> usize {
         self as usize

@@ -27,6 +27,8 @@ pub struct Config {
     pub aggregates: Aggregates,
     /// Traces, metrics and logs.
     pub telemetry: TelemetrySettings,
+    /// The component cache.
+    pub cache: CacheSettings,
     /// Every downstream's settings, `downstream_defaults` merged with its own section.
     pub downstreams: BTreeMap<Component, DownstreamSettings>,
 }
@@ -46,6 +48,8 @@ struct RawConfig {
     aggregates: Aggregates,
     #[serde(default)]
     telemetry: TelemetrySettings,
+    #[serde(default)]
+    cache: CacheSettings,
     #[serde(default)]
     downstream_defaults: toml::Table,
     downstreams: BTreeMap<String, toml::Table>,
@@ -196,6 +200,102 @@ impl Default for TelemetrySettings {
             service_name: "bfb".into(),
             resource_attributes: BTreeMap::new(),
             export_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The in-process cache of component results (one downstream answer per
+/// component and key). Off unless enabled: whether stale data is acceptable
+/// is a per-deployment, per-component decision.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Default for every component.
+    pub enabled: bool,
+    /// Default time an entry is fresh.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Default time after `ttl` during which an entry is served at once while
+    /// one background refresh runs (stale-while-revalidate).
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// Default time after `ttl` during which an entry may still be served
+    /// as FALLBACK when the live call fails (stale-if-error); at least
+    /// `stale_while_revalidate`.
+    #[serde(with = "humantime_serde")]
+    pub stale_ttl: Duration,
+    /// TTLs vary by up to this fraction (±), so entries written together do
+    /// not expire together.
+    pub jitter: f64,
+    /// Bound on the cache's size: bytes of encoded entries.
+    pub max_bytes: u64,
+    /// Whether a failed required component may be served stale (FALLBACK).
+    pub allow_stale_required: bool,
+    /// Time a background refresh may take.
+    #[serde(with = "humantime_serde")]
+    pub refresh_timeout: Duration,
+    /// Per-component overrides, keyed by component name.
+    pub components: BTreeMap<String, ComponentCacheSection>,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            enabled: false,
+            ttl: Duration::from_secs(30),
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_ttl: Duration::from_secs(300),
+            jitter: 0.1,
+            max_bytes: 256 * 1024 * 1024,
+            allow_stale_required: false,
+            refresh_timeout: Duration::from_secs(2),
+            components: BTreeMap::new(),
+        }
+    }
+}
+
+/// One component's cache overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentCacheSection {
+    /// Overrides `cache.enabled`.
+    pub enabled: Option<bool>,
+    /// Overrides `cache.ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    /// Overrides `cache.stale_while_revalidate`.
+    #[serde(default, with = "humantime_serde")]
+    pub stale_while_revalidate: Option<Duration>,
+    /// Overrides `cache.stale_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub stale_ttl: Option<Duration>,
+}
+
+/// One component's resolved cache settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComponentCache {
+    /// Whether results are cached.
+    pub enabled: bool,
+    /// Fresh for this long.
+    pub ttl: Duration,
+    /// Then served at once, refreshed in the background, for this long.
+    pub stale_while_revalidate: Duration,
+    /// Then (from `ttl`) kept for FALLBACK this long.
+    pub stale_ttl: Duration,
+}
+
+impl CacheSettings {
+    /// A component's settings with the defaults applied. The directory is
+    /// never cached: its batched lookups rarely repeat.
+    pub fn component(&self, c: Component) -> ComponentCache {
+        let o = self.components.get(c.name()).cloned().unwrap_or_default();
+        ComponentCache {
+            enabled: c != Component::Directory && o.enabled.unwrap_or(self.enabled),
+            ttl: o.ttl.unwrap_or(self.ttl),
+            stale_while_revalidate: o
+                .stale_while_revalidate
+                .unwrap_or(self.stale_while_revalidate),
+            stale_ttl: o.stale_ttl.unwrap_or(self.stale_ttl),
         }
     }
 }
@@ -483,6 +583,7 @@ impl Config {
             server: raw.server,
             aggregates: raw.aggregates,
             telemetry: raw.telemetry,
+            cache: raw.cache,
             downstreams,
         };
         config.check(&mut problems);
@@ -530,6 +631,44 @@ impl Config {
         }
         p.positive("server.keepalive_interval", s.keepalive_interval);
         p.positive("server.max_connection_age", s.max_connection_age);
+        let c = &self.cache;
+        if !(0.0..0.5).contains(&c.jitter) {
+            p.add("cache.jitter", "must be at least 0 and below 0.5, e.g. 0.1");
+        }
+        if c.max_bytes < 1024 * 1024 {
+            p.add("cache.max_bytes", "must be at least 1048576 (1 MiB)");
+        }
+        p.positive("cache.refresh_timeout", c.refresh_timeout);
+        for comp in Component::ALL {
+            let cc = c.component(comp);
+            if cc.stale_while_revalidate > cc.stale_ttl {
+                let at = if c.components.contains_key(comp.name()) {
+                    format!("cache.components.{comp}.stale_ttl")
+                } else {
+                    "cache.stale_ttl".to_string()
+                };
+                p.add(at, "must be at least stale_while_revalidate");
+            }
+        }
+        for name in c.components.keys() {
+            match Component::from_name(name) {
+                Some(Component::Directory) => p.add(
+                    format!("cache.components.{name}"),
+                    "the directory is not cached",
+                ),
+                Some(comp) => p.positive(
+                    format!("cache.components.{name}.ttl"),
+                    c.component(comp).ttl,
+                ),
+                None => p.add(
+                    format!("cache.components.{name}"),
+                    format!(
+                        "unknown component; expected one of: {}",
+                        names(&Component::ALL[..7])
+                    ),
+                ),
+            }
+        }
         let t = &self.telemetry;
         p.fraction("telemetry.sampling_ratio", t.sampling_ratio);
         p.positive("telemetry.export_interval", t.export_interval);

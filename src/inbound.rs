@@ -8,6 +8,7 @@
 //! - **Hard timeout**: a backstop at `deadlines.max` plus a margin, a real
 //!   `tower::timeout`, whose `Elapsed` error is answered as DEADLINE_EXCEEDED
 //!   (tonic would report an unknown error type as UNKNOWN/INTERNAL).
+//! - **Arrival time**: stamped on every request, the start of its deadline.
 //! - **Oversized requests**: tonic rejects a message over
 //!   `server.max_request_bytes` with OUT_OF_RANGE; gRPC's convention is
 //!   RESOURCE_EXHAUSTED, so that answer is rewritten here (bfb's handlers never
@@ -26,6 +27,10 @@ use tonic::{Code, Status, body::Body};
 use tower::{BoxError, Layer, Service, ServiceExt, timeout::error::Elapsed};
 
 use crate::error::Error;
+
+/// When a call reached bfb (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival(pub tokio::time::Instant);
 
 /// Path prefix of the health service, exempt from shedding.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
@@ -92,7 +97,14 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // Stamped here, synchronously inside tonic's own grpc-timeout layer
+        // (which started its timer a moment ago): handlers measure the
+        // caller's deadline from this instant, so bfb's DEADLINE_EXCEEDED
+        // always beats tonic's CANCELLED by the configured reserve.
+        request
+            .extensions_mut()
+            .insert(Arrival(tokio::time::Instant::now()));
         let inner = self.inner.clone();
         let exempt = request.uri().path().starts_with(HEALTH_PREFIX);
         let permit = if exempt {

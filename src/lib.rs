@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod cache;
 pub mod component;
 pub mod config;
 pub mod demo;

@@ -92,11 +92,18 @@ async fn caller_deadline_bounds_every_downstream_call() {
 
 #[tokio::test]
 async fn short_deadline_ends_the_call_and_cancels_downstream_calls() {
-    let h = start(sim_with_latency(Duration::from_secs(3)), |_| {}).await;
+    // bfb's own deadline is the short one (the 200 ms cap below a 5 s caller
+    // deadline): a tonic client also enforces its own grpc-timeout locally,
+    // and under load its timer could beat bfb's answer to the caller.
+    let h = start(sim_with_latency(Duration::from_secs(3)), |c| {
+        c.deadlines.default = Duration::from_millis(200);
+        c.deadlines.max = Duration::from_millis(200);
+    })
+    .await;
     let mut client = h.customers().await;
     let started = Instant::now();
     let err = client
-        .get_customer(with_timeout(get("c-1"), Duration::from_millis(200)))
+        .get_customer(with_timeout(get("c-1"), Duration::from_secs(5)))
         .await
         .expect_err("deadline");
     let took = started.elapsed();
@@ -129,11 +136,18 @@ async fn short_deadline_ends_the_call_and_cancels_downstream_calls() {
 
 #[tokio::test]
 async fn too_little_time_fails_fast_without_calling() {
-    let h = start(SimConfig::default(), |_| {}).await;
+    // A 10 ms deadline minus a 9 ms reserve leaves less than the 2 ms a
+    // downstream call needs (set in config, not by a tiny client timeout,
+    // which the client would enforce itself).
+    let h = start(SimConfig::default(), |c| {
+        c.deadlines.default = Duration::from_millis(10);
+        c.deadlines.max = Duration::from_millis(10);
+        c.deadlines.reserve = Duration::from_millis(9);
+    })
+    .await;
     let mut client = h.customers().await;
-    // 2 ms minus the 3 ms reserve leaves nothing for a downstream call.
     let err = client
-        .get_customer(with_timeout(get("c-1"), Duration::from_millis(2)))
+        .get_customer(get("c-1"))
         .await
         .expect_err("no budget");
     assert_eq!(err.code(), Code::DeadlineExceeded);
@@ -289,6 +303,7 @@ async fn invalid_requests_get_field_violations_and_call_nothing() {
                 customer_id: "".into(),
                 read_mask: mask(&["profile", "emails"]),
                 completeness: 9,
+                ..Default::default()
             },
             vec!["customer_id", "read_mask.paths[1]", "completeness"],
         ),

@@ -28,6 +28,7 @@ fn get(id: &str, paths: &[&str], completeness: Completeness) -> GetCustomerReque
         customer_id: id.into(),
         read_mask: mask(paths),
         completeness: completeness as i32,
+        ..Default::default()
     }
 }
 

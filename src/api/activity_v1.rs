@@ -10,6 +10,7 @@ use crate::{
     component::{Component, ComponentSet},
     engine::{ActivityParts, Deadline, Engine, activity::Window},
     error::Error,
+    inbound::Arrival,
     pb::{
         bfb::activity::v1::{
             ActivitySummary, Call, Calls, Channel, Counterparty, Direction, Email, Emails,
@@ -22,7 +23,8 @@ use crate::{
 };
 
 use super::{
-    aggregate_status, check_completeness, check_id, check_timestamp, newest_first, summarize,
+    aggregate_status, check_cache_policy, check_completeness, check_id, check_timestamp,
+    newest_first, summarize,
 };
 
 /// The v1 user-activity service.
@@ -43,9 +45,10 @@ impl UserActivityService for ActivityV1 {
         &self,
         request: Request<GetUserActivityRequest>,
     ) -> Result<Response<GetUserActivityResponse>, Status> {
-        let (metadata, _, req) = request.into_parts();
+        let (metadata, extensions, req) = request.into_parts();
+        let arrival = extensions.get::<Arrival>().map(|a| a.0);
         let summary = |r: &GetUserActivityResponse| summarize(r.status.as_ref());
-        let handled = self.get_user_activity(req, self.engine.deadline(&metadata));
+        let handled = self.get_user_activity(req, self.engine.deadline(&metadata, arrival));
         observe(
             self.engine.metrics(),
             "GetUserActivity",
@@ -70,12 +73,20 @@ impl ActivityV1 {
         let requested =
             ComponentSet::from_read_mask(paths, &Component::ACTIVITY, "read_mask", &mut violations);
         let completeness = check_completeness(req.completeness, &mut violations);
+        let policy = check_cache_policy(req.cache.as_ref(), &mut violations);
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
         let parts = self
             .engine
-            .activity(&req.user_id, &window, requested, completeness, deadline)
+            .activity(
+                &req.user_id,
+                &window,
+                requested,
+                completeness,
+                policy,
+                deadline,
+            )
             .await?;
         Ok(Response::new(shape(req.user_id, parts)))
     }
@@ -258,7 +269,7 @@ fn summary(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{engine::Outcome, error::Reason};
+    use crate::{cache::Source, engine::Outcome, error::Reason};
     use downstream::{calls::v1 as c, sms::v1 as s};
     use prost_types::Timestamp;
 
@@ -269,30 +280,39 @@ mod tests {
     #[test]
     fn timeline_merges_channels_newest_first_with_names() {
         let parts = ActivityParts {
-            calls: Outcome::Ok(vec![
-                c::Call {
-                    call_id: "c1".into(),
-                    counterparty_id: "u-2".into(),
-                    started_at: ts(30),
-                    duration_seconds: 60,
-                    outbound: true,
-                },
-                c::Call {
-                    call_id: "c2".into(),
-                    counterparty_id: "u-9".into(),
-                    started_at: ts(10),
-                    duration_seconds: 5,
-                    outbound: false,
-                },
-            ]),
+            calls: Outcome::Ok(
+                vec![
+                    c::Call {
+                        call_id: "c1".into(),
+                        counterparty_id: "u-2".into(),
+                        started_at: ts(30),
+                        duration_seconds: 60,
+                        outbound: true,
+                    },
+                    c::Call {
+                        call_id: "c2".into(),
+                        counterparty_id: "u-9".into(),
+                        started_at: ts(10),
+                        duration_seconds: 5,
+                        outbound: false,
+                    },
+                ],
+                Source::Live,
+            ),
             emails: Outcome::Failed(Reason::Timeout),
-            sms: Outcome::Ok(vec![s::Sms {
-                sms_id: "s1".into(),
-                counterparty_id: "u-2".into(),
-                sent_at: ts(20),
-                ..Default::default()
-            }]),
-            names: Outcome::Ok(HashMap::from([("u-2".to_string(), "Ada".to_string())])),
+            sms: Outcome::Ok(
+                vec![s::Sms {
+                    sms_id: "s1".into(),
+                    counterparty_id: "u-2".into(),
+                    sent_at: ts(20),
+                    ..Default::default()
+                }],
+                Source::Live,
+            ),
+            names: Outcome::Ok(
+                HashMap::from([("u-2".to_string(), "Ada".to_string())]),
+                Source::Live,
+            ),
         };
         let resp = shape("u-1".into(), parts);
         let a = resp.activity.expect("activity");

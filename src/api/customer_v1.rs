@@ -8,6 +8,7 @@ use crate::{
     component::{Component, ComponentSet},
     engine::{CustomerParts, Deadline, Engine},
     error::Error,
+    inbound::Arrival,
     pb::{
         bfb::customer::v1::{
             Customer, Favorite, Favorites, GetCustomerRequest, GetCustomerResponse, Order,
@@ -19,7 +20,7 @@ use crate::{
     telemetry::rpc::observe,
 };
 
-use super::{aggregate_status, check_completeness, check_id, summarize};
+use super::{aggregate_status, check_cache_policy, check_completeness, check_id, summarize};
 
 /// How many recent reviews and orders v1 returns.
 const RECENT: usize = 10;
@@ -42,9 +43,10 @@ impl CustomerAggregateService for CustomerV1 {
         &self,
         request: Request<GetCustomerRequest>,
     ) -> Result<Response<GetCustomerResponse>, Status> {
-        let (metadata, _, req) = request.into_parts();
+        let (metadata, extensions, req) = request.into_parts();
+        let arrival = extensions.get::<Arrival>().map(|a| a.0);
         let summary = |r: &GetCustomerResponse| summarize(r.status.as_ref());
-        let handled = self.get_customer(req, self.engine.deadline(&metadata));
+        let handled = self.get_customer(req, self.engine.deadline(&metadata, arrival));
         observe(
             self.engine.metrics(),
             "GetCustomer",
@@ -68,12 +70,13 @@ impl CustomerV1 {
         let requested =
             ComponentSet::from_read_mask(paths, &Component::CUSTOMER, "read_mask", &mut violations);
         let completeness = check_completeness(req.completeness, &mut violations);
+        let policy = check_cache_policy(req.cache.as_ref(), &mut violations);
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
         let parts = self
             .engine
-            .customer(&req.customer_id, requested, completeness, deadline)
+            .customer(&req.customer_id, requested, completeness, policy, deadline)
             .await?;
         Ok(Response::new(shape(req.customer_id, parts)))
     }

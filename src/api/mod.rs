@@ -14,12 +14,13 @@ use prost_types::Timestamp;
 use tonic_types::FieldViolation;
 
 use crate::{
+    cache::{Policy, Source},
     component::Component,
     engine::{Completeness, OutcomeState},
     error::Reason,
     pb::bfb::common::v1::{
-        AggregateStatus, Completeness as PbCompleteness, ComponentState, ComponentStatus,
-        DataSource,
+        AggregateStatus, CachePolicy as PbCachePolicy, Completeness as PbCompleteness,
+        ComponentState, ComponentStatus, DataSource,
     },
     telemetry::rpc::Summary,
 };
@@ -59,6 +60,33 @@ pub fn check_completeness(value: i32, violations: &mut Vec<FieldViolation>) -> C
     }
 }
 
+/// Reads the caller's cache policy; a negative or invalid `max_staleness`
+/// is a violation.
+pub fn check_cache_policy(
+    policy: Option<&PbCachePolicy>,
+    violations: &mut Vec<FieldViolation>,
+) -> Policy {
+    let Some(p) = policy else {
+        return Policy::default();
+    };
+    let max_staleness = p
+        .max_staleness
+        .and_then(|d| match std::time::Duration::try_from(d) {
+            Ok(d) => Some(d),
+            Err(_) => {
+                violations.push(FieldViolation::new(
+                    "cache.max_staleness",
+                    "must be a non-negative duration",
+                ));
+                None
+            }
+        });
+    Policy {
+        fresh: p.fresh,
+        max_staleness,
+    }
+}
+
 /// Checks that a timestamp is one protobuf allows (years 1 to 9999, nanos in
 /// range).
 pub fn check_timestamp(field: &str, ts: &Timestamp, violations: &mut Vec<FieldViolation>) {
@@ -78,12 +106,27 @@ pub fn aggregate_status(outcomes: &[(Component, OutcomeState)]) -> AggregateStat
     let components: HashMap<String, ComponentStatus> = outcomes
         .iter()
         .map(|&(component, outcome)| {
-            let (state, reason, source) = match outcome {
-                OutcomeState::Ok => (ComponentState::Ok, "OK", DataSource::Live),
+            let (state, reason, source, age) = match outcome {
+                OutcomeState::Ok(Source::Live) => {
+                    (ComponentState::Ok, "OK", DataSource::Live, None)
+                }
+                OutcomeState::Ok(Source::Cache { age }) => {
+                    (ComponentState::Ok, "OK", DataSource::Cache, Some(age))
+                }
+                OutcomeState::Ok(Source::Fallback { age, reason }) => {
+                    degraded = true;
+                    (
+                        ComponentState::Fallback,
+                        reason.code(),
+                        DataSource::Cache,
+                        Some(age),
+                    )
+                }
                 OutcomeState::Skipped => (
                     ComponentState::Skipped,
                     "NOT_REQUESTED",
                     DataSource::Unspecified,
+                    None,
                 ),
                 OutcomeState::Failed(reason) => {
                     degraded = true;
@@ -91,6 +134,7 @@ pub fn aggregate_status(outcomes: &[(Component, OutcomeState)]) -> AggregateStat
                         ComponentState::Error,
                         reason.code(),
                         DataSource::Unspecified,
+                        None,
                     )
                 }
             };
@@ -98,6 +142,7 @@ pub fn aggregate_status(outcomes: &[(Component, OutcomeState)]) -> AggregateStat
                 state: state.into(),
                 reason: reason.to_string(),
                 source: source.into(),
+                age: age.and_then(|a| prost_types::Duration::try_from(a).ok()),
             };
             (component.name().to_string(), status)
         })
@@ -157,7 +202,7 @@ mod tests {
     #[test]
     fn status_marks_failed_components_as_degraded() {
         let s = aggregate_status(&[
-            (Component::Profile, OutcomeState::Ok),
+            (Component::Profile, OutcomeState::Ok(Source::Live)),
             (Component::Orders, OutcomeState::Failed(Reason::Timeout)),
             (Component::Reviews, OutcomeState::Skipped),
         ]);
@@ -169,6 +214,31 @@ mod tests {
             ComponentState::Skipped as i32
         );
         assert_eq!(s.components["profile"].source, DataSource::Live as i32);
-        assert!(!aggregate_status(&[(Component::Profile, OutcomeState::Ok)]).degraded);
+        assert!(
+            !aggregate_status(&[(Component::Profile, OutcomeState::Ok(Source::Live))]).degraded
+        );
+        let age = std::time::Duration::from_secs(3);
+        let s = aggregate_status(&[
+            (
+                Component::Favorites,
+                OutcomeState::Ok(Source::Cache { age }),
+            ),
+            (
+                Component::Orders,
+                OutcomeState::Ok(Source::Fallback {
+                    age,
+                    reason: Reason::CircuitOpen,
+                }),
+            ),
+        ]);
+        assert!(s.degraded, "a fallback is degraded");
+        assert_eq!(s.components["favorites"].source, DataSource::Cache as i32);
+        assert_eq!(s.components["favorites"].state, ComponentState::Ok as i32);
+        assert_eq!(
+            s.components["orders"].state,
+            ComponentState::Fallback as i32
+        );
+        assert_eq!(s.components["orders"].reason, "CIRCUIT_OPEN");
+        assert_eq!(s.components["orders"].age.map(|a| a.seconds), Some(3));
     }
 }

@@ -58,10 +58,20 @@ pub enum CallError {
 }
 
 /// One downstream: its resilience stack over a typed client, and the state
-/// operators and tests look at.
+/// operators and tests look at. Cloning is cheap (a boxed stack and an Arc).
 pub struct Downstream<M, T> {
     stack: BoxCloneSyncService<Call<M>, T, Failed>,
     breaker: Arc<Breaker>,
+}
+
+// By hand: a derive would require `M: Clone, T: Clone`, which the stack does not need.
+impl<M, T> Clone for Downstream<M, T> {
+    fn clone(&self) -> Self {
+        Downstream {
+            stack: self.stack.clone(),
+            breaker: self.breaker.clone(),
+        }
+    }
 }
 
 impl<M, T> Downstream<M, T> {

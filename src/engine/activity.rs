@@ -18,6 +18,7 @@ use crate::{
 };
 
 use super::{Completeness, Deadline, Engine, Outcome, fetch, needed};
+use crate::cache::{Policy, Source};
 
 /// A validated time window; either bound may be open.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -51,6 +52,7 @@ impl Engine {
         window: &Window,
         requested: ComponentSet,
         completeness: Completeness,
+        policy: Policy,
         deadline: Deadline,
     ) -> Result<ActivityParts, Error> {
         let needed = needed(
@@ -60,6 +62,10 @@ impl Engine {
         );
         let ds = &self.downstreams;
         let entity = ("user", id);
+        let span = Some((
+            window.start.map(|t| t.seconds),
+            window.end.map(|t| t.seconds),
+        ));
         let user_id = || id.to_string();
 
         let calls = fetch(Component::Calls, requested, needed, entity, || async {
@@ -68,8 +74,19 @@ impl Engine {
                 start_time: window.start,
                 end_time: window.end,
             };
-            let resp = ds.calls.call(deadline, msg).await?;
-            Ok(resp.calls)
+            let (resp, source) = self
+                .cached(
+                    Component::Calls,
+                    id,
+                    span,
+                    policy,
+                    needed,
+                    deadline,
+                    &ds.calls,
+                    msg,
+                )
+                .await?;
+            Ok((resp.calls, source))
         });
         let emails = fetch(Component::Emails, requested, needed, entity, || async {
             let msg = ListEmailsRequest {
@@ -77,8 +94,19 @@ impl Engine {
                 start_time: window.start,
                 end_time: window.end,
             };
-            let resp = ds.emails.call(deadline, msg).await?;
-            Ok(resp.emails)
+            let (resp, source) = self
+                .cached(
+                    Component::Emails,
+                    id,
+                    span,
+                    policy,
+                    needed,
+                    deadline,
+                    &ds.emails,
+                    msg,
+                )
+                .await?;
+            Ok((resp.emails, source))
         });
         let sms = fetch(Component::Sms, requested, needed, entity, || async {
             let msg = ListSmsRequest {
@@ -86,8 +114,19 @@ impl Engine {
                 start_time: window.start,
                 end_time: window.end,
             };
-            let resp = ds.sms.call(deadline, msg).await?;
-            Ok(resp.messages)
+            let (resp, source) = self
+                .cached(
+                    Component::Sms,
+                    id,
+                    span,
+                    policy,
+                    needed,
+                    deadline,
+                    &ds.sms,
+                    msg,
+                )
+                .await?;
+            Ok((resp.messages, source))
         });
         let (calls, emails, sms) = tokio::try_join!(calls, emails, sms)?;
 
@@ -109,11 +148,12 @@ impl Engine {
                     CallError::NotFound => CallError::Failed(Reason::DownstreamRejected),
                     other => other,
                 })?;
-            Ok(resp
+            let names = resp
                 .contacts
                 .into_iter()
                 .map(|c| (c.user_id, c.display_name))
-                .collect())
+                .collect();
+            Ok((names, Source::Live))
         })
         .await?;
         Ok(ActivityParts {
@@ -168,8 +208,8 @@ mod tests {
             ..Default::default()
         };
         let ids = counterparties(
-            &Outcome::Ok(vec![call("u-2"), call("u-3"), call("u-2")]),
-            &Outcome::Ok(vec![email("u-3"), email("u-4")]),
+            &Outcome::Ok(vec![call("u-2"), call("u-3"), call("u-2")], Source::Live),
+            &Outcome::Ok(vec![email("u-3"), email("u-4")], Source::Live),
             &Outcome::Failed(Reason::Timeout),
         );
         assert_eq!(ids, ["u-2", "u-3", "u-4"]);

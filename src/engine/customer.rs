@@ -14,6 +14,7 @@ use crate::{
 };
 
 use super::{Completeness, Deadline, Engine, Outcome, fetch, needed};
+use crate::cache::Policy;
 
 /// The downstream data of one customer, as fetched; adapters shape it.
 #[derive(Debug)]
@@ -35,6 +36,7 @@ impl Engine {
         id: &str,
         requested: ComponentSet,
         completeness: Completeness,
+        policy: Policy,
         deadline: Deadline,
     ) -> Result<CustomerParts, Error> {
         let needed = needed(requested, self.customer_required, completeness);
@@ -46,29 +48,74 @@ impl Engine {
             let msg = GetProfileRequest {
                 customer_id: customer_id(),
             };
-            let resp = ds.profile.call(deadline, msg).await?;
-            resp.profile.ok_or(CallError::Failed(Reason::BadResponse))
+            let (resp, source) = self
+                .cached(
+                    Component::Profile,
+                    id,
+                    None,
+                    policy,
+                    needed,
+                    deadline,
+                    &ds.profile,
+                    msg,
+                )
+                .await?;
+            let profile = resp.profile.ok_or(CallError::Failed(Reason::BadResponse))?;
+            Ok((profile, source))
         });
         let favorites = fetch(Component::Favorites, requested, needed, entity, || async {
             let msg = ListFavoritesRequest {
                 customer_id: customer_id(),
             };
-            let resp = ds.favorites.call(deadline, msg).await?;
-            Ok(resp.favorites)
+            let (resp, source) = self
+                .cached(
+                    Component::Favorites,
+                    id,
+                    None,
+                    policy,
+                    needed,
+                    deadline,
+                    &ds.favorites,
+                    msg,
+                )
+                .await?;
+            Ok((resp.favorites, source))
         });
         let reviews = fetch(Component::Reviews, requested, needed, entity, || async {
             let msg = ListReviewsRequest {
                 customer_id: customer_id(),
             };
-            let resp = ds.reviews.call(deadline, msg).await?;
-            Ok(resp.reviews)
+            let (resp, source) = self
+                .cached(
+                    Component::Reviews,
+                    id,
+                    None,
+                    policy,
+                    needed,
+                    deadline,
+                    &ds.reviews,
+                    msg,
+                )
+                .await?;
+            Ok((resp.reviews, source))
         });
         let orders = fetch(Component::Orders, requested, needed, entity, || async {
             let msg = ListOrdersRequest {
                 customer_id: customer_id(),
             };
-            let resp = ds.orders.call(deadline, msg).await?;
-            Ok(resp.orders)
+            let (resp, source) = self
+                .cached(
+                    Component::Orders,
+                    id,
+                    None,
+                    policy,
+                    needed,
+                    deadline,
+                    &ds.orders,
+                    msg,
+                )
+                .await?;
+            Ok((resp.orders, source))
         });
 
         // One task, four futures: no spawn per call, and a failing required

@@ -47,6 +47,16 @@ impl Deadline {
         }
     }
 
+    /// A deadline `timeout` from now, for work no caller waits for
+    /// (background cache refreshes).
+    pub fn detached(timeout: Duration, cfg: &Deadlines) -> Deadline {
+        Deadline {
+            at: Instant::now() + timeout,
+            reserve: cfg.reserve,
+            min_call_budget: cfg.min_call_budget,
+        }
+    }
+
     /// The instant the answer is due.
     pub fn at(&self) -> Instant {
         self.at

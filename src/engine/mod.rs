@@ -19,9 +19,10 @@ pub mod deadline;
 use std::{future::Future, sync::Arc};
 
 use crate::{
+    cache::{Cache, Key, Policy, Source},
     component::{Component, ComponentSet},
     config::Config,
-    downstream::{CallError, Downstreams, EndpointError},
+    downstream::{CallError, Downstream, Downstreams, EndpointError},
     error::{Error, Reason},
     telemetry::metrics::Metrics,
 };
@@ -33,8 +34,8 @@ pub use self::{activity::ActivityParts, customer::CustomerParts, deadline::Deadl
 pub enum Outcome<T> {
     /// Not requested, so not fetched.
     Skipped,
-    /// Fetched.
-    Ok(T),
+    /// Fetched (live or from the cache, as the source says).
+    Ok(T, Source),
     /// An optional component that could not be fetched.
     Failed(Reason),
 }
@@ -43,7 +44,7 @@ impl<T> Outcome<T> {
     /// The data, if fetched.
     pub fn ok(self) -> Option<T> {
         match self {
-            Outcome::Ok(v) => Some(v),
+            Outcome::Ok(v, _) => Some(v),
             _ => None,
         }
     }
@@ -51,7 +52,7 @@ impl<T> Outcome<T> {
     /// The data, if fetched, by reference.
     pub fn as_ok(&self) -> Option<&T> {
         match self {
-            Outcome::Ok(v) => Some(v),
+            Outcome::Ok(v, _) => Some(v),
             _ => None,
         }
     }
@@ -60,7 +61,7 @@ impl<T> Outcome<T> {
     pub fn state(&self) -> OutcomeState {
         match self {
             Outcome::Skipped => OutcomeState::Skipped,
-            Outcome::Ok(_) => OutcomeState::Ok,
+            Outcome::Ok(_, source) => OutcomeState::Ok(*source),
             Outcome::Failed(r) => OutcomeState::Failed(*r),
         }
     }
@@ -71,8 +72,8 @@ impl<T> Outcome<T> {
 pub enum OutcomeState {
     /// Not requested.
     Skipped,
-    /// Fetched.
-    Ok,
+    /// Fetched, from this source.
+    Ok(Source),
     /// Failed, optional.
     Failed(Reason),
 }
@@ -89,6 +90,7 @@ pub enum Completeness {
 /// The shared core behind every API version.
 pub struct Engine {
     downstreams: Downstreams,
+    cache: Arc<Cache>,
     metrics: Arc<Metrics>,
     deadlines: crate::config::Deadlines,
     customer_required: ComponentSet,
@@ -100,6 +102,11 @@ impl Engine {
     pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Result<Engine, EndpointError> {
         Ok(Engine {
             downstreams: Downstreams::connect_lazy(config, metrics)?,
+            cache: Arc::new(Cache::new(
+                &config.cache,
+                &config.deadlines,
+                metrics.clone(),
+            )),
             metrics: metrics.clone(),
             deadlines: config.deadlines.clone(),
             customer_required: config.aggregates.customer.required_set(),
@@ -112,14 +119,65 @@ impl Engine {
         &self.metrics
     }
 
+    /// The component cache.
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// One component's downstream answer, through the cache when the
+    /// component is cached.
+    #[allow(clippy::too_many_arguments)]
+    async fn cached<M, T>(
+        &self,
+        component: Component,
+        id: &str,
+        window: Option<(Option<i64>, Option<i64>)>,
+        policy: Policy,
+        needed: ComponentSet,
+        deadline: Deadline,
+        downstream: &Downstream<M, T>,
+        message: M,
+    ) -> Result<(T, Source), CallError>
+    where
+        M: Clone + Send + Sync + 'static,
+        T: prost::Message + Default + Send + 'static,
+    {
+        if !self.cache.enabled(component) {
+            return downstream
+                .call(deadline, message)
+                .await
+                .map(|v| (v, Source::Live));
+        }
+        let ds = downstream.clone();
+        let live = move |d: Deadline| {
+            let (ds, m) = (ds.clone(), message.clone());
+            async move { ds.call(d, m).await }
+        };
+        let key = Key {
+            component,
+            scope: "",
+            id,
+            window,
+        };
+        self.cache
+            .fetch(key, policy, needed.contains(component), deadline, live)
+            .await
+    }
+
     /// The downstreams, for their state (breakers).
     pub fn downstreams(&self) -> &Downstreams {
         &self.downstreams
     }
 
-    /// The deadline of a call that arrives now with these headers.
-    pub fn deadline(&self, metadata: &tonic::metadata::MetadataMap) -> Deadline {
-        Deadline::from_metadata(metadata, &self.deadlines, tokio::time::Instant::now())
+    /// The deadline of a call with these headers that arrived at `arrival`
+    /// (now, if unknown).
+    pub fn deadline(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        arrival: Option<tokio::time::Instant>,
+    ) -> Deadline {
+        let arrived = arrival.unwrap_or_else(tokio::time::Instant::now);
+        Deadline::from_metadata(metadata, &self.deadlines, arrived)
     }
 }
 
@@ -145,13 +203,13 @@ async fn fetch<T, Fut>(
     call: impl FnOnce() -> Fut,
 ) -> Result<Outcome<T>, Error>
 where
-    Fut: Future<Output = Result<T, CallError>>,
+    Fut: Future<Output = Result<(T, Source), CallError>>,
 {
     if !requested.contains(component) {
         return Ok(Outcome::Skipped);
     }
     match call().await {
-        Ok(v) => Ok(Outcome::Ok(v)),
+        Ok((v, source)) => Ok(Outcome::Ok(v, source)),
         Err(CallError::NotFound) => Err(Error::NotFound {
             kind: entity.0,
             id: entity.1.to_string(),
@@ -193,7 +251,7 @@ mod tests {
         let req = ComponentSet::of(&ALL4);
         let needed = ComponentSet::of(&[Component::Profile]);
         let entity = ("customer", "c-1");
-        let failing = || async { Err::<u8, _>(CallError::Failed(Reason::Unavailable)) };
+        let failing = || async { Err::<(u8, Source), _>(CallError::Failed(Reason::Unavailable)) };
 
         let skipped = fetch(Component::Calls, req, needed, entity, failing).await;
         assert!(matches!(skipped, Ok(Outcome::Skipped)));
@@ -211,7 +269,7 @@ mod tests {
         ));
 
         let missing = fetch(Component::Orders, req, needed, entity, || async {
-            Err::<u8, _>(CallError::NotFound)
+            Err::<(u8, Source), _>(CallError::NotFound)
         })
         .await;
         assert!(matches!(
@@ -222,7 +280,10 @@ mod tests {
             })
         ));
 
-        let ok = fetch(Component::Orders, req, needed, entity, || async { Ok(7u8) }).await;
-        assert!(matches!(ok, Ok(Outcome::Ok(7))));
+        let ok = fetch(Component::Orders, req, needed, entity, || async {
+            Ok((7u8, Source::Live))
+        })
+        .await;
+        assert!(matches!(ok, Ok(Outcome::Ok(7, Source::Live))));
     }
 }

@@ -72,6 +72,15 @@ pub struct DegradedLabels {
     pub reason: &'static str,
 }
 
+/// Labels of cache lookups.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// The component.
+    pub component: &'static str,
+    /// `hit`, `stale`, `miss`, `bypass` (FRESH) or `fallback` (stale-if-error).
+    pub result: &'static str,
+}
+
 /// Histogram buckets from 100 µs to ~26 s.
 #[derive(Clone, Copy)]
 pub struct LatencyBuckets;
@@ -119,6 +128,8 @@ pub struct Metrics {
     pub degraded: Family<DegradedLabels, Counter>,
     /// Components fetched per request.
     pub fanout: Family<MethodLabels, Histogram, FanoutBuckets>,
+    /// Cache lookups by component and result.
+    pub cache_requests: Family<CacheLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -144,6 +155,7 @@ impl Metrics {
             load_shed: Counter::default(),
             degraded: Family::default(),
             fanout: Family::new_with_constructor(FanoutBuckets),
+            cache_requests: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -202,6 +214,11 @@ impl Metrics {
             "bfb_fanout_components",
             "Components fetched per request",
             m.fanout.clone(),
+        );
+        r.register(
+            "bfb_cache_requests",
+            "Cache lookups by component and result (hit, stale, miss, bypass, fallback)",
+            m.cache_requests.clone(),
         );
         Metrics { registry, ..m }
     }
