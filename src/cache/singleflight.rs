@@ -19,10 +19,12 @@ use std::{
 use futures::future::{BoxFuture, FutureExt, Shared, WeakShared};
 
 type Flight<V> = Shared<BoxFuture<'static, V>>;
+/// The map's view of a flight: its generation and a weak handle.
+type WeakFlight<V> = (u64, WeakShared<BoxFuture<'static, V>>);
 
 /// Coalesces concurrent calls by key.
 pub struct SingleFlight<V: Clone> {
-    flights: Mutex<HashMap<String, (u64, WeakShared<BoxFuture<'static, V>>)>>,
+    flights: Mutex<HashMap<String, WeakFlight<V>>>,
     next: AtomicU64,
 }
 
