@@ -109,6 +109,36 @@ async fn load(target: Target, concurrency: u64, secs: u64) -> Result<(f64, Histo
     Ok((all.len() as f64 / secs as f64, all))
 }
 
+/// Closed loop on the hot set c-1..c-100.
+async fn load_hot(
+    client: CustomerAggregateServiceClient<Channel>,
+    concurrency: u64,
+    secs: u64,
+) -> Result<(f64, Histogram<u64>), Boxed> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let mut t = Target::Bfb(client.clone(), &[]);
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+            let mut i = w;
+            while Instant::now() < end {
+                let s = Instant::now();
+                t.call(i % 100).await.map_err(|e| e.to_string())?;
+                h.record(s.elapsed().as_micros() as u64)
+                    .map_err(|e| e.to_string())?;
+                i += 1;
+            }
+            Ok::<_, String>(h)
+        }));
+    }
+    let mut all = Histogram::<u64>::new(3)?;
+    for t in tasks {
+        all.add(t.await??)?;
+    }
+    Ok((all.len() as f64 / secs as f64, all))
+}
+
 fn row(name: &str, h: &Histogram<u64>) {
     println!(
         "  {name:<34} p50 {:>7} µs   p99 {:>7} µs   ({} calls)",
@@ -178,6 +208,34 @@ async fn main() -> Result<(), Boxed> {
         );
     }
     drop(bfb);
+
+    println!("\n2b. cache hits: bfb with [cache] enabled, 100 hot customers, sim latency 0");
+    let (_cached_bfb, cached_addr) = common::start_bfb(sim_addr, "cached", |c| {
+        c.replace("[cache]\nenabled = false", "[cache]\nenabled = true")
+    })
+    .await?;
+    let hot = CustomerAggregateServiceClient::new(channel(cached_addr).await?);
+    let mut hot_one = Target::Bfb(hot.clone(), &[]);
+    // Hot set: c-1..c-100 (the load's ids are i % 10000 + 1 with i < 100 here).
+    for i in 0..100 {
+        hot_one.call(i).await?;
+    }
+    let mut h = hdrhistogram::Histogram::<u64>::new(3)?;
+    for i in 0..5_000u64 {
+        let t = Instant::now();
+        hot_one.call(i % 100).await?;
+        h.record(t.elapsed().as_micros() as u64)?;
+    }
+    println!(
+        "  bfb GetCustomer, all 4 from cache    p50 {:>7} µs   p99 {:>7} µs   (concurrency 1)",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99)
+    );
+    let (rate_c, hc) = load_hot(hot, 32, secs).await?;
+    println!(
+        "  bfb GetCustomer, all 4 from cache {rate_c:>9.0} calls/s   p99 {:>6} µs (concurrency 32)",
+        hc.value_at_quantile(0.99)
+    );
 
     println!("\n3. concurrency 1, every sim service at 10 ms");
     let (_sim, _bfb, sim_addr, bfb_addr) = start("10ms").await?;
