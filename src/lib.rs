@@ -12,6 +12,9 @@
 //! - [`engine`]: the fan-out engine shared by every version: which downstream
 //!   calls to make, concurrently, under the caller's [`engine::Deadline`], and
 //!   how required and optional components fail (`customer`, `activity`).
+//! - [`cache`]: the component cache between the engine and the downstreams:
+//!   freshness windows, stale-while-revalidate, stale-if-error, caller
+//!   control, and request coalescing (`cache::singleflight`).
 //! - [`downstream`]: one typed client per downstream service, each behind its
 //!   own resilience stack, composed top to bottom in `downstream::stack`.
 //! - [`resilience`]: the stack's layers, one module each: bulkhead, retry
