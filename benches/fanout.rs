@@ -83,8 +83,14 @@ async fn sequential(target: &mut Target, n: u64) -> Result<Histogram<u64>, Boxed
     Ok(h)
 }
 
-/// Closed loop at `concurrency` for `secs`: (calls per second, histogram).
-async fn load(target: Target, concurrency: u64, secs: u64) -> Result<(f64, Histogram<u64>), Boxed> {
+/// Closed loop at `concurrency` for `secs` over customers c-1..c-`keys`:
+/// (calls per second, histogram).
+async fn load(
+    target: Target,
+    concurrency: u64,
+    secs: u64,
+    keys: u64,
+) -> Result<(f64, Histogram<u64>), Boxed> {
     let end = Instant::now() + Duration::from_secs(secs);
     let mut tasks = Vec::new();
     for w in 0..concurrency {
@@ -94,37 +100,7 @@ async fn load(target: Target, concurrency: u64, secs: u64) -> Result<(f64, Histo
             let mut i = w * 1_000_000;
             while Instant::now() < end {
                 let s = Instant::now();
-                t.call(i).await.map_err(|e| e.to_string())?;
-                h.record(s.elapsed().as_micros() as u64)
-                    .map_err(|e| e.to_string())?;
-                i += 1;
-            }
-            Ok::<_, String>(h)
-        }));
-    }
-    let mut all = Histogram::<u64>::new(3)?;
-    for t in tasks {
-        all.add(t.await??)?;
-    }
-    Ok((all.len() as f64 / secs as f64, all))
-}
-
-/// Closed loop on the hot set c-1..c-100.
-async fn load_hot(
-    client: CustomerAggregateServiceClient<Channel>,
-    concurrency: u64,
-    secs: u64,
-) -> Result<(f64, Histogram<u64>), Boxed> {
-    let end = Instant::now() + Duration::from_secs(secs);
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let mut t = Target::Bfb(client.clone(), &[]);
-        tasks.push(tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
-            let mut i = w;
-            while Instant::now() < end {
-                let s = Instant::now();
-                t.call(i % 100).await.map_err(|e| e.to_string())?;
+                t.call(i % keys).await.map_err(|e| e.to_string())?;
                 h.record(s.elapsed().as_micros() as u64)
                     .map_err(|e| e.to_string())?;
                 i += 1;
@@ -182,11 +158,11 @@ async fn main() -> Result<(), Boxed> {
     );
 
     println!("\n2. load, concurrency 32, {secs} s each, sim latency 0");
-    let (rate_d, hd) = load(direct.clone(), 32, secs).await?;
+    let (rate_d, hd) = load(direct.clone(), 32, secs, 10_000).await?;
     let before = cpu_time(&bfb);
-    let (rate_o, _) = load(one.clone(), 32, secs).await?;
+    let (rate_o, _) = load(one.clone(), 32, secs, 10_000).await?;
     let middle = cpu_time(&bfb);
-    let (rate_a, ha) = load(agg.clone(), 32, secs).await?;
+    let (rate_a, ha) = load(agg.clone(), 32, secs, 10_000).await?;
     let after = cpu_time(&bfb);
     println!(
         "  direct GetProfile:   {rate_d:>9.0} calls/s   p99 {:>6} µs",
@@ -231,7 +207,7 @@ async fn main() -> Result<(), Boxed> {
         h.value_at_quantile(0.5),
         h.value_at_quantile(0.99)
     );
-    let (rate_c, hc) = load_hot(hot, 32, secs).await?;
+    let (rate_c, hc) = load(Target::Bfb(hot, &[]), 32, secs, 100).await?;
     println!(
         "  bfb GetCustomer, all 4 from cache {rate_c:>9.0} calls/s   p99 {:>6} µs (concurrency 32)",
         hc.value_at_quantile(0.99)
