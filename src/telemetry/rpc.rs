@@ -81,7 +81,17 @@ fn request_id(metadata: &MetadataMap) -> String {
         .filter(|id| {
             !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic())
         })
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+        .map_or_else(new_request_id, str::to_string)
+}
+
+/// A random (version 4) UUID from the thread-local RNG: `Uuid::new_v4` reads
+/// the OS RNG, a system call per request; request ids need uniqueness, not
+/// cryptographic strength.
+fn new_request_id() -> String {
+    let bytes: [u8; 16] = rand::Rng::random(&mut rand::rng());
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .to_string()
 }
 
 /// The stable upper-case name of a gRPC code, for labels and logs.
@@ -221,6 +231,8 @@ mod tests {
         md.insert(REQUEST_ID, "x".repeat(200).parse().expect("ascii"));
         assert_ne!(request_id(&md), "x".repeat(200));
         let generated = request_id(&MetadataMap::new());
-        assert_eq!(generated.len(), 36, "a UUID");
+        let uuid = uuid::Uuid::parse_str(&generated).expect("a UUID");
+        assert_eq!(uuid.get_version_num(), 4);
+        assert_ne!(generated, request_id(&MetadataMap::new()));
     }
 }
