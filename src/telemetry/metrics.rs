@@ -81,6 +81,13 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+/// Labels of shared (Redis) tier calls.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SharedLabels {
+    /// `hit`, `miss`, `written`, `error`, `timeout`, `breaker_open`, `unconnected`.
+    pub result: &'static str,
+}
+
 /// Histogram buckets from 100 µs to ~26 s.
 #[derive(Clone, Copy)]
 pub struct LatencyBuckets;
@@ -130,6 +137,8 @@ pub struct Metrics {
     pub fanout: Family<MethodLabels, Histogram, FanoutBuckets>,
     /// Cache lookups by component and result.
     pub cache_requests: Family<CacheLabels, Counter>,
+    /// Shared (Redis) tier calls by result.
+    pub cache_shared: Family<SharedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -156,6 +165,7 @@ impl Metrics {
             degraded: Family::default(),
             fanout: Family::new_with_constructor(FanoutBuckets),
             cache_requests: Family::default(),
+            cache_shared: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -219,6 +229,11 @@ impl Metrics {
             "bfb_cache_requests",
             "Cache lookups by component and result (hit, stale, miss, bypass, fallback)",
             m.cache_requests.clone(),
+        );
+        r.register(
+            "bfb_cache_shared",
+            "Shared (Redis) cache tier calls by result",
+            m.cache_shared.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -65,6 +65,39 @@ pub async fn start(sim_config: SimConfig, tweak: impl FnOnce(&mut Config)) -> Ha
     }
 }
 
+/// One more bfb, against an existing sim; stops when dropped.
+pub struct Bfb {
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    _stop: watch::Sender<()>,
+}
+
+/// Starts bfb on the example config pointed at `sim`, after `tweak`.
+pub async fn start_bfb(sim: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Bfb {
+    let (stop, rx) = watch::channel(());
+    let mut config = Config::example()
+        .expect("example config")
+        .with_all_endpoints(&format!("http://{sim}"));
+    config.server.drain_delay = Duration::ZERO;
+    tweak(&mut config);
+    let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind bfb");
+    let addr = grpc.local_addr().expect("addr");
+    let m = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind metrics");
+    let metrics = m.local_addr().expect("addr");
+    let listeners = bfb::server::Listeners {
+        grpc,
+        metrics: Some(m),
+    };
+    tokio::spawn(async move { bfb::server::serve(&config, listeners, stopped(rx)).await });
+    Bfb {
+        addr,
+        metrics,
+        _stop: stop,
+    }
+}
+
 /// A sim with every service at `latency`.
 pub fn sim_with_latency(latency: Duration) -> SimConfig {
     let mut c = SimConfig::default();

@@ -1,0 +1,194 @@
+//! The shared Redis tier against a real `redis-server` (installed by `make
+//! test`): two bfb instances share warm entries, and killing Redis mid-run
+//! fails nothing.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use bfb::{
+    config::Config,
+    pb::bfb::{
+        common::v1::DataSource,
+        customer::v1::{
+            GetCustomerRequest, customer_aggregate_service_client::CustomerAggregateServiceClient,
+        },
+    },
+};
+use tokio::process::{Child, Command};
+
+/// `redis-server` on a free port, without persistence.
+async fn redis() -> (Child, SocketAddr) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let child = Command::new(&bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {bin} (make test installs it): {e}"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let until = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < until, "redis-server did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (child, addr)
+}
+
+async fn redis_keys(addr: SocketAddr) -> usize {
+    let client = redis::Client::open(format!("redis://{addr}")).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    redis::cmd("DBSIZE")
+        .query_async::<usize>(&mut conn)
+        .await
+        .expect("dbsize")
+}
+
+fn with_redis(addr: SocketAddr) -> impl FnOnce(&mut Config) {
+    move |c: &mut Config| {
+        c.cache.enabled = true;
+        c.cache.redis_url = Some(format!("redis://{addr}"));
+    }
+}
+
+fn get(id: &str) -> GetCustomerRequest {
+    GetCustomerRequest {
+        customer_id: id.into(),
+        ..Default::default()
+    }
+}
+
+async fn client(addr: SocketAddr) -> CustomerAggregateServiceClient<tonic::transport::Channel> {
+    CustomerAggregateServiceClient::new(common::channel(addr).await)
+}
+
+/// Waits (bounded) until `f` holds; for effects that happen asynchronously
+/// (a background connect, a background write).
+async fn eventually<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_serves_from_redis_without_calling_downstream() {
+    let (_redis, raddr) = redis().await;
+    let h = common::start(bfb::sim::SimConfig::default(), with_redis(raddr)).await;
+    let second = common::start_bfb(h.sim, with_redis(raddr)).await;
+    let first = h.customers().await;
+
+    // Until the first instance has connected, its entries stay in-process.
+    eventually("the first instance to write to redis", || {
+        let mut first = first.clone();
+        async move {
+            let _ = first.get_customer(get("c-31")).await;
+            redis_keys(raddr).await >= 4
+        }
+    })
+    .await;
+    let before = h.calls().await;
+
+    // The second instance has never seen c-31.
+    let mut second_client = client(second.addr).await;
+    let r = second_client
+        .get_customer(get("c-31"))
+        .await
+        .expect("ok")
+        .into_inner();
+    let status = r.status.expect("status");
+    for c in ["profile", "favorites", "reviews", "orders"] {
+        assert_eq!(status.components[c].source, DataSource::Cache as i32, "{c}");
+        assert!(status.components[c].age.is_some());
+    }
+    assert_eq!(
+        h.calls().await,
+        before,
+        "no downstream call for the second instance"
+    );
+    assert!(r.customer.expect("customer").profile.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_redis_mid_run_fails_nothing() {
+    let (mut redis, raddr) = redis().await;
+    let h = common::start(bfb::sim::SimConfig::default(), with_redis(raddr)).await;
+    let mut c = h.customers().await;
+    eventually("writes to redis", || {
+        let mut c = c.clone();
+        async move {
+            let _ = c.get_customer(get("c-40")).await;
+            redis_keys(raddr).await >= 4
+        }
+    })
+    .await;
+    redis.kill().await.expect("kill redis");
+    let _ = redis.wait().await;
+
+    // New ids: every lookup misses in-process and would ask Redis.
+    let started = Instant::now();
+    for i in 0..50 {
+        let r = c
+            .get_customer(get(&format!("c-{}", 100 + i)))
+            .await
+            .expect("served without redis");
+        assert!(!r.into_inner().status.expect("status").degraded);
+    }
+    // 50 calls × 4 lookups, each bounded by the 20 ms Redis timeout at worst
+    // (far less once its breaker opens): well under what waiting would cost.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // And in-process entries still serve.
+    let r = c.get_customer(get("c-100")).await.expect("ok").into_inner();
+    assert_eq!(
+        r.status.expect("status").components["orders"].source,
+        DataSource::Cache as i32
+    );
+
+    let text = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(h.metrics)
+            .await
+            .expect("metrics");
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    };
+    let skipped = ["error", "timeout", "breaker_open"]
+        .iter()
+        .filter_map(|r| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("bfb_cache_shared_total{{result=\"{r}\"}}")))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        })
+        .sum::<f64>();
+    assert!(skipped > 0.0, "redis failures are counted");
+}
