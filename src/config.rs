@@ -19,6 +19,10 @@ pub const EXAMPLE: &str = include_str!("../config/bfb.example.toml");
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
+    /// Address of the operators' admin gRPC server (`bfb.admin.v1`); unset:
+    /// none. Keep it on loopback or a private network: it is not
+    /// authenticated yet.
+    pub admin_listen: Option<SocketAddr>,
     /// How long a call may take overall.
     pub deadlines: Deadlines,
     /// Inbound protection and HTTP/2 limits.
@@ -40,6 +44,8 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     listen: SocketAddr,
+    #[serde(default)]
+    admin_listen: Option<SocketAddr>,
     #[serde(default)]
     deadlines: Deadlines,
     #[serde(default)]
@@ -586,6 +592,7 @@ impl Config {
         }
         let config = Config {
             listen: raw.listen,
+            admin_listen: raw.admin_listen,
             deadlines: raw.deadlines,
             server: raw.server,
             aggregates: raw.aggregates,

@@ -68,6 +68,10 @@ pub async fn run(
         None => None,
     };
     let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
+    let admin = match config.admin_listen {
+        Some(addr) => TcpListener::bind(addr).await.ok(),
+        None => None,
+    };
     let sim_config = SimConfig {
         behavior: Behavior {
             latency: sim_latency,
@@ -95,6 +99,7 @@ pub async fn run(
     let listeners = crate::server::Listeners {
         grpc: bfb_listener,
         metrics,
+        admin,
     };
     let bfb = crate::server::serve(&config, listeners, stopped(stop_rx));
     let trigger = async move {

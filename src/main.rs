@@ -172,13 +172,28 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 Some(addr) => Some(TcpListener::bind(addr).await?),
                 None => None,
             };
+            let admin = match config.admin_listen {
+                Some(addr) => Some(TcpListener::bind(addr).await?),
+                None => None,
+            };
             // Scripts and benches start bfb on port 0 and read the addresses from here.
             say!("bfb listening on {}", grpc.local_addr()?);
             if let Some(m) = &metrics {
                 say!("bfb metrics on {}", m.local_addr()?);
             }
-            let result =
-                bfb::server::serve(&config, Listeners { grpc, metrics }, shutdown_signal()).await;
+            if let Some(a) = &admin {
+                say!("bfb admin on {}", a.local_addr()?);
+            }
+            let result = bfb::server::serve(
+                &config,
+                Listeners {
+                    grpc,
+                    metrics,
+                    admin,
+                },
+                shutdown_signal(),
+            )
+            .await;
             // Flush spans whatever happened.
             telemetry.shutdown();
             result?;

@@ -27,6 +27,12 @@ pub mod bfb {
             tonic::include_proto!("bfb.activity.v1");
         }
     }
+    /// Operator control of the cache.
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("bfb.admin.v1");
+        }
+    }
     /// Run-time control of the simulated downstream services.
     pub mod sim {
         pub mod v1 {

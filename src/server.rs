@@ -13,7 +13,7 @@ use tonic::{
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::{activity_v1::ActivityV1, customer_v1::CustomerV1},
+    api::{activity_v1::ActivityV1, admin_v1::CacheAdminV1, customer_v1::CustomerV1},
     config::Config,
     downstream::EndpointError,
     engine::Engine,
@@ -22,6 +22,7 @@ use crate::{
         self,
         bfb::{
             activity::v1::user_activity_service_server::UserActivityServiceServer,
+            admin::v1::cache_admin_server::CacheAdminServer,
             customer::v1::customer_aggregate_service_server::CustomerAggregateServiceServer,
         },
     },
@@ -56,6 +57,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Prometheus `GET /metrics`; none: no endpoint.
     pub metrics: Option<TcpListener>,
+    /// The admin API (`bfb.admin.v1`); none: not served.
+    pub admin: Option<TcpListener>,
 }
 
 /// Reflection services (`grpc.reflection.v1` and `v1alpha`) that list the
@@ -110,6 +113,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
     let engine = Arc::new(Engine::new(config, &metrics)?);
+    let admin = CacheAdminServer::new(CacheAdminV1::new(engine.cache().clone()));
     let max_request = config.server.max_request_bytes;
     let customer_v1 = CustomerAggregateServiceServer::new(CustomerV1::new(engine.clone()))
         .max_decoding_message_size(max_request);
@@ -130,6 +134,17 @@ pub async fn serve(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let metrics_addr = listeners.metrics.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(listener) = listeners.admin {
+        let admin_name = <CacheAdminServer<CacheAdminV1> as NamedService>::NAME;
+        let (admin_reflection, _) = reflection(&[admin_name])?;
+        tracing::info!(addr = ?listener.local_addr().ok(), "admin API serving");
+        tokio::spawn(
+            Server::builder()
+                .add_service(admin)
+                .add_service(admin_reflection)
+                .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone())),
+        );
+    }
     if let Some(listener) = listeners.metrics {
         tokio::spawn(metrics::serve(
             metrics.clone(),

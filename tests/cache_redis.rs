@@ -192,3 +192,58 @@ async fn killing_redis_mid_run_fails_nothing() {
         .sum::<f64>();
     assert!(skipped > 0.0, "redis failures are counted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidation_drops_an_entity_in_both_tiers_and_on_other_replicas() {
+    use bfb::pb::bfb::admin::v1::{InvalidateEntityRequest, cache_admin_client::CacheAdminClient};
+    let (_redis, raddr) = redis().await;
+    let h = common::start(bfb::sim::SimConfig::default(), with_redis(raddr)).await;
+    let other = common::start_bfb(h.sim, with_redis(raddr)).await;
+    let (a, mut b) = (h.customers().await, client(other.addr).await);
+    eventually("both replicas to cache c-60 and write it to redis", || {
+        let (mut a, mut b) = (a.clone(), b.clone());
+        async move {
+            let _ = a.get_customer(get("c-60")).await;
+            let _ = b.get_customer(get("c-60")).await;
+            redis_keys(raddr).await >= 4
+        }
+    })
+    .await;
+    let r = b.get_customer(get("c-60")).await.expect("ok").into_inner();
+    assert_eq!(
+        r.status.expect("status").components["profile"].source,
+        DataSource::Cache as i32
+    );
+
+    let mut admin = CacheAdminClient::new(common::channel(h.admin).await);
+    let bad = admin
+        .invalidate_entity(InvalidateEntityRequest {
+            entity_id: "c-60".into(),
+            components: vec!["nope".into()],
+        })
+        .await
+        .expect_err("invalid");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let done = admin
+        .invalidate_entity(InvalidateEntityRequest {
+            entity_id: "c-60".into(),
+            components: vec![],
+        })
+        .await
+        .expect("invalidated")
+        .into_inner();
+    assert_eq!(done.local_entries, 4);
+    assert_eq!(done.shared_entries, 4);
+    assert!(done.broadcast);
+    assert_eq!(redis_keys(raddr).await, 0);
+
+    // The other replica drops its in-process entries when the message arrives.
+    eventually("the other replica to drop c-60", || {
+        let mut b = b.clone();
+        async move {
+            let r = b.get_customer(get("c-60")).await.expect("ok").into_inner();
+            r.status.expect("status").components["profile"].source == DataSource::Live as i32
+        }
+    })
+    .await;
+}

@@ -207,6 +207,10 @@ async fn spawn_bfb(sim: SocketAddr, edit: impl FnOnce(String) -> String) -> (Chi
         .replace(
             "metrics_listen = \"127.0.0.1:9464\"",
             "metrics_listen = \"127.0.0.1:0\"",
+        )
+        .replace(
+            "admin_listen = \"127.0.0.1:50052\"",
+            "admin_listen = \"127.0.0.1:0\"",
         );
     let dir = std::env::temp_dir().join(format!("bfb-obs-{}-{}", std::process::id(), sim.port()));
     std::fs::create_dir_all(&dir).expect("dir");

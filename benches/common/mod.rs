@@ -66,6 +66,10 @@ pub async fn start_bfb(
         .replace(
             "metrics_listen = \"127.0.0.1:9464\"",
             "metrics_listen = \"127.0.0.1:0\"",
+        )
+        .replace(
+            "admin_listen = \"127.0.0.1:50052\"",
+            "admin_listen = \"127.0.0.1:0\"",
         );
     let path = std::env::temp_dir().join(format!("bfb-bench-{}-{name}.toml", std::process::id()));
     std::fs::write(&path, edit(config))?;

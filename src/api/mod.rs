@@ -6,6 +6,7 @@
 //! engine's version-neutral result into its contract's messages.
 
 pub mod activity_v1;
+pub mod admin_v1;
 pub mod customer_v1;
 
 use std::collections::HashMap;

@@ -21,6 +21,9 @@
 //!   `cache.allow_stale_required`).
 //! - **Caller control**: `FRESH` bypasses cached reads (no fallback either);
 //!   `max_staleness` bounds the age of anything served, fallback included.
+//! - **Invalidation**: [`Cache::invalidate`] drops an entity's entries in
+//!   both tiers and publishes the invalidation; every replica subscribes and
+//!   drops its in-process entries.
 
 pub mod shared;
 pub mod singleflight;
@@ -161,8 +164,13 @@ impl moka::Expiry<String, Entry> for Expiry {
 
 impl Cache {
     /// A cache per `settings`. With `cache.redis_url`, the shared tier
-    /// connects in the background (this needs a tokio runtime).
-    pub fn new(settings: &CacheSettings, deadlines: &Deadlines, metrics: Arc<Metrics>) -> Cache {
+    /// connects in the background and the cache subscribes to invalidations
+    /// from other replicas (this needs a tokio runtime).
+    pub fn new(
+        settings: &CacheSettings,
+        deadlines: &Deadlines,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Cache> {
         let shared = settings.redis_url.as_deref().and_then(|url| {
             SharedTier::start(url, settings.redis_timeout, metrics.clone())
                 .map_err(|e| tracing::error!(error = %e, "redis cache tier disabled"))
@@ -175,7 +183,7 @@ impl Cache {
             })
             .expire_after(Expiry)
             .build();
-        Cache {
+        let cache = Arc::new(Cache {
             store,
             settings: Component::ALL.map(|c| settings.component(c)),
             jitter: settings.jitter,
@@ -186,7 +194,72 @@ impl Cache {
             refreshing: Mutex::new(HashSet::new()),
             shared,
             metrics,
+        });
+        if let Some(shared) = &cache.shared {
+            let weak = Arc::downgrade(&cache);
+            shared.subscribe(move |payload| {
+                let Some(cache) = weak.upgrade() else { return };
+                tokio::spawn(async move {
+                    let (id, components) = payload.split_once('|').unwrap_or((&payload, ""));
+                    let components: Vec<Component> = components
+                        .split(',')
+                        .filter_map(Component::from_name)
+                        .collect();
+                    let dropped = cache.drop_local(id, &components).await;
+                    tracing::debug!(dropped, "invalidated by another replica");
+                });
+            });
         }
+        cache
+    }
+
+    /// Whether `key` belongs to entity `id` (and one of `components`, if any).
+    fn key_matches(key: &str, id: &str, components: &[Component]) -> bool {
+        let mut parts = key.split('|');
+        let (_contract, component, _scope, key_id) =
+            (parts.next(), parts.next(), parts.next(), parts.next());
+        key_id == Some(id)
+            && (components.is_empty()
+                || component.is_some_and(|c| components.iter().any(|x| x.name() == c)))
+    }
+
+    /// Drops this replica's entries of `id`; returns how many.
+    async fn drop_local(&self, id: &str, components: &[Component]) -> u64 {
+        let doomed: Vec<Arc<String>> = self
+            .store
+            .iter()
+            .filter(|(k, _)| Cache::key_matches(k, id, components))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            self.store.invalidate(k.as_str()).await;
+        }
+        doomed.len() as u64
+    }
+
+    /// Drops every entry of entity `id` (only `components`, if any) here and
+    /// in the shared tier, and tells the other replicas. Returns (local
+    /// entries, shared entries, broadcast).
+    pub async fn invalidate(&self, id: &str, components: &[Component]) -> (u64, u64, bool) {
+        let local = self.drop_local(id, components).await;
+        let (shared, broadcast) = match &self.shared {
+            Some(shared) => {
+                let names: Vec<&str> = components.iter().map(|c| c.name()).collect();
+                let payload = format!("{id}|{}", names.join(","));
+                // Ids cannot contain glob characters (validated), so this
+                // pattern is exact up to the component filter.
+                let pattern = format!("*|{id}|*");
+                shared
+                    .invalidate(
+                        &pattern,
+                        |k| Cache::key_matches(k, id, components),
+                        &payload,
+                    )
+                    .await
+            }
+            None => (0, false),
+        };
+        (local, shared, broadcast)
     }
 
     /// Whether the shared tier is configured and connected.

@@ -30,8 +30,12 @@ const FORMAT: u8 = 1;
 /// Header: format (1) + written-at ms (8) + ttl, revalidate, stale ms (4 each).
 const HEADER: usize = 1 + 8 + 4 + 4 + 4;
 
+/// Pub/sub channel of invalidations: payload `entity_id|component,component`.
+pub const INVALIDATIONS: &str = "bfb:cache:invalidate";
+
 /// The shared tier.
 pub struct SharedTier {
+    client: redis::Client,
     conn: Arc<OnceLock<ConnectionManager>>,
     timeout: Duration,
     breaker: Arc<Breaker>,
@@ -93,7 +97,9 @@ impl SharedTier {
         let client = redis::Client::open(url)?;
         let conn = Arc::new(OnceLock::new());
         let slot = conn.clone();
+        let connector = client.clone();
         tokio::spawn(async move {
+            let client = connector;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(1)))
                 .set_response_timeout(Some(timeout))
@@ -119,6 +125,7 @@ impl SharedTier {
             }
         });
         Ok(SharedTier {
+            client,
             conn,
             timeout,
             breaker: Arc::new(Breaker::new(BreakerSettings {
@@ -186,6 +193,78 @@ impl SharedTier {
                 None
             }
         }
+    }
+
+    /// Deletes the keys `matches` accepts (found with SCAN, so Redis is not
+    /// blocked) and publishes the invalidation to every replica. Returns
+    /// (keys deleted, published).
+    pub(super) async fn invalidate(
+        &self,
+        pattern: &str,
+        matches: impl Fn(&str) -> bool,
+        payload: &str,
+    ) -> (u64, bool) {
+        let Some(conn) = self.conn.get() else {
+            return (0, false);
+        };
+        let mut conn = conn.clone();
+        let mut deleted = 0;
+        let mut cursor: u64 = 0;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(500);
+            let Ok((next, keys)) = scan.query_async::<(u64, Vec<String>)>(&mut conn).await else {
+                break;
+            };
+            let doomed: Vec<&String> = keys.iter().filter(|k| matches(k)).collect();
+            if !doomed.is_empty() {
+                let mut del = redis::cmd("DEL");
+                del.arg(&doomed);
+                deleted += del.query_async::<u64>(&mut conn).await.unwrap_or(0);
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(INVALIDATIONS).arg(payload);
+        let published = publish.query_async::<u64>(&mut conn).await.is_ok();
+        (deleted, published)
+    }
+
+    /// Listens for invalidations from other replicas (reconnecting when the
+    /// connection drops) and hands each payload to `apply`.
+    pub(super) fn subscribe(&self, apply: impl Fn(String) + Send + Sync + 'static) {
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut wait = Duration::from_millis(100);
+            loop {
+                match client.get_async_pubsub().await {
+                    Ok(mut pubsub) => {
+                        if pubsub.subscribe(INVALIDATIONS).await.is_ok() {
+                            wait = Duration::from_millis(100);
+                            let mut messages = pubsub.into_on_message();
+                            while let Some(msg) = messages.next().await {
+                                if let Ok(payload) = msg.get_payload::<String>() {
+                                    apply(payload);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "invalidation subscriber: redis unavailable")
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     /// Writes `key` in the background; it expires when the entry is gone.

@@ -24,11 +24,7 @@ fn settings() -> CacheSettings {
 }
 
 fn cache(s: CacheSettings) -> Arc<Cache> {
-    Arc::new(Cache::new(
-        &s,
-        &Deadlines::default(),
-        Arc::new(Metrics::new()),
-    ))
+    Cache::new(&s, &Deadlines::default(), Arc::new(Metrics::new()))
 }
 
 fn deadline() -> Deadline {
@@ -259,6 +255,33 @@ async fn disabled_components_are_always_live() {
         ));
     }
     assert_eq!(f.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalidation_drops_one_entitys_entries() {
+    let (c, f) = (cache(settings()), Fake::default());
+    for id in ["c-1", "c-10"] {
+        c.fetch(key(id), Policy::default(), false, deadline(), f.live())
+            .await
+            .map(|(_, s): (GetProfileResponse, Source)| s)
+            .expect("warm");
+    }
+    assert_eq!(
+        c.invalidate("c-1", &[Component::Orders]).await,
+        (0, 0, false),
+        "other component"
+    );
+    assert_eq!(c.invalidate("c-1", &[]).await, (1, 0, false));
+    assert_eq!(f.calls(), 2);
+    get(&c, &f, Policy::default(), false)
+        .await
+        .expect("refetched");
+    assert_eq!(f.calls(), 3, "c-1 was dropped");
+    c.fetch(key("c-10"), Policy::default(), false, deadline(), f.live())
+        .await
+        .map(|(_, s): (GetProfileResponse, Source)| s)
+        .expect("still cached");
+    assert_eq!(f.calls(), 3, "c-10 was kept");
 }
 
 #[test]

@@ -102,11 +102,7 @@ impl Engine {
     pub fn new(config: &Config, metrics: &Arc<Metrics>) -> Result<Engine, EndpointError> {
         Ok(Engine {
             downstreams: Downstreams::connect_lazy(config, metrics)?,
-            cache: Arc::new(Cache::new(
-                &config.cache,
-                &config.deadlines,
-                metrics.clone(),
-            )),
+            cache: Cache::new(&config.cache, &config.deadlines, metrics.clone()),
             metrics: metrics.clone(),
             deadlines: config.deadlines.clone(),
             customer_required: config.aggregates.customer.required_set(),
@@ -120,7 +116,7 @@ impl Engine {
     }
 
     /// The component cache.
-    pub fn cache(&self) -> &Cache {
+    pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
     }
 

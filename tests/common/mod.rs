@@ -25,6 +25,7 @@ pub struct Harness {
     pub bfb: SocketAddr,
     pub sim: SocketAddr,
     pub metrics: SocketAddr,
+    pub admin: SocketAddr,
     _stop: watch::Sender<()>,
 }
 
@@ -52,15 +53,19 @@ pub async fn start(sim_config: SimConfig, tweak: impl FnOnce(&mut Config)) -> Ha
         .await
         .expect("bind metrics");
     let metrics = metrics_listener.local_addr().expect("metrics addr");
+    let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let admin = admin_listener.local_addr().expect("admin addr");
     let listeners = bfb::server::Listeners {
         grpc,
         metrics: Some(metrics_listener),
+        admin: Some(admin_listener),
     };
     tokio::spawn(async move { bfb::server::serve(&config, listeners, stopped(rx)).await });
     Harness {
         bfb,
         sim,
         metrics,
+        admin,
         _stop: stop,
     }
 }
@@ -69,6 +74,7 @@ pub async fn start(sim_config: SimConfig, tweak: impl FnOnce(&mut Config)) -> Ha
 pub struct Bfb {
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
+    pub admin: SocketAddr,
     _stop: watch::Sender<()>,
 }
 
@@ -86,14 +92,18 @@ pub async fn start_bfb(sim: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Bfb 
         .await
         .expect("bind metrics");
     let metrics = m.local_addr().expect("addr");
+    let a = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
+    let admin = a.local_addr().expect("addr");
     let listeners = bfb::server::Listeners {
         grpc,
         metrics: Some(m),
+        admin: Some(a),
     };
     tokio::spawn(async move { bfb::server::serve(&config, listeners, stopped(rx)).await });
     Bfb {
         addr,
         metrics,
+        admin,
         _stop: stop,
     }
 }
