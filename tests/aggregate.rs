@@ -611,3 +611,56 @@ async fn directory_failure_keeps_records_without_names() {
         "directory"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_cancelling_cancels_the_downstream_calls() {
+    let h = start(sim_with_latency(Duration::from_secs(5)), |_| {}).await;
+    let mut client = h.customers().await;
+    let call = tokio::spawn(async move { client.get_customer(get("c-1")).await });
+    // Wait until all four downstream calls are in flight, then hang up.
+    h.wait_for_stats(|s| s.peak_total_in_flight >= 4).await;
+    call.abort();
+    let stats = h
+        .wait_for_stats(|s| {
+            ["profile", "favorites", "reviews", "orders"]
+                .iter()
+                .all(|k| s.services[*k].cancelled == 1)
+        })
+        .await;
+    for s in ["profile", "favorites", "reviews", "orders"] {
+        assert_eq!(stats.services[s].cancelled, 1, "{s}");
+        assert_eq!(stats.services[s].in_flight, 0, "{s}");
+    }
+}
+
+#[tokio::test]
+async fn reflection_v1_lists_the_public_services() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let h = start(SimConfig::default(), |_| {}).await;
+    let mut client = ServerReflectionClient::new(common::channel(h.bfb).await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter(vec![request]))
+        .await
+        .expect("reflection v1")
+        .into_inner();
+    let answer = answers.message().await.expect("stream").expect("an answer");
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("unexpected answer {answer:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for s in [
+        "bfb.customer.v1.CustomerAggregateService",
+        "bfb.activity.v1.UserActivityService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(names.iter().any(|n| n == s), "{s} missing from {names:?}");
+    }
+}
