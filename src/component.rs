@@ -43,6 +43,17 @@ impl Component {
         Component::Sms,
         Component::Directory,
     ];
+    /// The components that carry data (every one but the directory, which
+    /// only names counterparties): what the cache may hold.
+    pub const DATA: [Component; 7] = [
+        Component::Profile,
+        Component::Favorites,
+        Component::Reviews,
+        Component::Orders,
+        Component::Calls,
+        Component::Emails,
+        Component::Sms,
+    ];
     /// The components of the customer aggregate that a read mask may name.
     pub const CUSTOMER: [Component; 4] = [
         Component::Profile,

@@ -687,7 +687,7 @@ impl Config {
                     format!("cache.components.{name}"),
                     format!(
                         "unknown component; expected one of: {}",
-                        names(&Component::ALL[..7])
+                        names(&Component::DATA)
                     ),
                 ),
             }

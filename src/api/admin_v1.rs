@@ -38,7 +38,7 @@ impl CacheAdmin for CacheAdminV1 {
         let req = request.into_inner();
         let mut violations = Vec::new();
         check_id("entity_id", &req.entity_id, &mut violations);
-        let cached = &Component::ALL[..7];
+        let cached = &Component::DATA;
         let mut components = Vec::new();
         for (i, name) in req.components.iter().enumerate() {
             match Component::from_name(name).filter(|c| cached.contains(c)) {
