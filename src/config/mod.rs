@@ -3,6 +3,10 @@
 //! Unknown keys are rejected (`deny_unknown_fields`) so a typo cannot silently
 //! fall back to a default. [`Config::load`] returns every problem at once, each
 //! saying where it is and what to change; `bfb check-config` prints them.
+//!
+//! This module holds the loader, the validation and the small sections;
+//! `server` (inbound limits, lifecycle, telemetry), `cache` and `downstream`
+//! (timeouts, bulkhead, breaker, retry, hedge) hold the larger sections.
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, time::Duration};
 
@@ -10,9 +14,19 @@ use serde::Deserialize;
 
 use crate::component::{Component, ComponentSet, names};
 
+mod cache;
+mod downstream;
+mod server;
+
+pub use self::{
+    cache::{CacheSettings, ComponentCache, ComponentCacheSection},
+    downstream::{BreakerSettings, DownstreamSettings, HedgeSettings, RetrySettings},
+    server::{LogFormat, ServerSettings, TelemetrySettings},
+};
+
 /// The embedded default configuration: the one `bfb demo` runs on, pointing at
 /// `bfb sim`'s default address.
-pub const EXAMPLE: &str = include_str!("../config/bfb.example.toml");
+pub const EXAMPLE: &str = include_str!("../../config/bfb.example.toml");
 
 /// bfb's whole configuration, validated.
 #[derive(Debug, Clone)]
@@ -92,227 +106,6 @@ impl Default for Deadlines {
     }
 }
 
-/// Inbound protection. tonic leaves several HTTP/2 limits unset (unlimited);
-/// bfb sets every one of them.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerSettings {
-    /// RPCs bfb handles at once, over all connections. Beyond it calls are
-    /// rejected at once with RESOURCE_EXHAUSTED and RetryInfo (health checks
-    /// are exempt).
-    pub max_concurrent_rpcs: usize,
-    /// How long a caller should wait before retrying a shed call.
-    #[serde(with = "humantime_serde")]
-    pub shed_retry_after: Duration,
-    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection.
-    pub max_concurrent_streams: u32,
-    /// HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE, bytes.
-    pub max_header_list_size: u32,
-    /// Streams a client may open and reset before bfb accepts them, per
-    /// connection (the HTTP/2 rapid-reset defence).
-    pub max_pending_accept_reset_streams: usize,
-    /// Streams bfb may reset because of client errors before it closes the
-    /// connection.
-    pub max_local_error_reset_streams: usize,
-    /// Interval of HTTP/2 keepalive pings to idle clients.
-    #[serde(with = "humantime_serde")]
-    pub keepalive_interval: Duration,
-    /// How long a keepalive ping may go unanswered before the connection closes.
-    #[serde(with = "humantime_serde")]
-    pub keepalive_timeout: Duration,
-    /// Largest request message accepted, bytes; larger ones get RESOURCE_EXHAUSTED.
-    pub max_request_bytes: usize,
-    /// Largest downstream response message accepted, bytes.
-    pub max_downstream_response_bytes: usize,
-    /// Close client connections older than this (after a GOAWAY), so
-    /// long-lived connections rebalance across replicas.
-    #[serde(with = "humantime_serde")]
-    pub max_connection_age: Duration,
-    /// Time in-flight calls get after a connection's GOAWAY for its age.
-    #[serde(with = "humantime_serde")]
-    pub max_connection_age_grace: Duration,
-    /// On SIGTERM: readiness turns NOT_SERVING at once, and bfb keeps
-    /// serving this long so load balancers stop sending new calls.
-    #[serde(with = "humantime_serde")]
-    pub drain_delay: Duration,
-    /// Then it stops accepting and gives in-flight calls this long to finish.
-    #[serde(with = "humantime_serde")]
-    pub shutdown_grace: Duration,
-}
-
-impl Default for ServerSettings {
-    fn default() -> Self {
-        ServerSettings {
-            max_concurrent_rpcs: 1000,
-            shed_retry_after: Duration::from_millis(100),
-            max_concurrent_streams: 256,
-            max_header_list_size: 16 * 1024,
-            max_pending_accept_reset_streams: 20,
-            max_local_error_reset_streams: 256,
-            keepalive_interval: Duration::from_secs(30),
-            keepalive_timeout: Duration::from_secs(10),
-            max_request_bytes: 64 * 1024,
-            max_downstream_response_bytes: 4 * 1024 * 1024,
-            max_connection_age: Duration::from_secs(300),
-            max_connection_age_grace: Duration::from_secs(30),
-            drain_delay: Duration::from_secs(5),
-            shutdown_grace: Duration::from_secs(20),
-        }
-    }
-}
-
-/// Traces, metrics and logs.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetrySettings {
-    /// Log line format: `human` or `json` (env `BFB_LOG_FORMAT` overrides).
-    pub log_format: LogFormat,
-    /// `RUST_LOG`-style filter (env `RUST_LOG` overrides).
-    pub log_filter: String,
-    /// Address of the Prometheus `/metrics` endpoint; unset: no endpoint.
-    pub metrics_listen: Option<SocketAddr>,
-    /// OTLP/gRPC collector, e.g. `http://otel-collector:4317`; unset: no
-    /// trace export.
-    pub otlp_endpoint: Option<String>,
-    /// Fraction of new traces sampled (a caller's sampling decision is kept).
-    pub sampling_ratio: f64,
-    /// `service.name` of exported spans.
-    pub service_name: String,
-    /// Further resource attributes, e.g. `{ "deployment.environment" = "prod" }`.
-    pub resource_attributes: BTreeMap<String, String>,
-    /// How often finished spans are exported.
-    #[serde(with = "humantime_serde")]
-    pub export_interval: Duration,
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Readable text.
-    Human,
-    /// One JSON object per line.
-    Json,
-}
-
-impl Default for TelemetrySettings {
-    fn default() -> Self {
-        TelemetrySettings {
-            log_format: LogFormat::Human,
-            log_filter: "info".into(),
-            metrics_listen: None,
-            otlp_endpoint: None,
-            sampling_ratio: 1.0,
-            service_name: "bfb".into(),
-            resource_attributes: BTreeMap::new(),
-            export_interval: Duration::from_secs(5),
-        }
-    }
-}
-
-/// The in-process cache of component results (one downstream answer per
-/// component and key). Off unless enabled: whether stale data is acceptable
-/// is a per-deployment, per-component decision.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheSettings {
-    /// Default for every component.
-    pub enabled: bool,
-    /// Default time an entry is fresh.
-    #[serde(with = "humantime_serde")]
-    pub ttl: Duration,
-    /// Default time after `ttl` during which an entry is served at once while
-    /// one background refresh runs (stale-while-revalidate).
-    #[serde(with = "humantime_serde")]
-    pub stale_while_revalidate: Duration,
-    /// Default time after `ttl` during which an entry may still be served
-    /// as FALLBACK when the live call fails (stale-if-error); at least
-    /// `stale_while_revalidate`.
-    #[serde(with = "humantime_serde")]
-    pub stale_ttl: Duration,
-    /// TTLs vary by up to this fraction (±), so entries written together do
-    /// not expire together.
-    pub jitter: f64,
-    /// Bound on the cache's size: bytes of encoded entries.
-    pub max_bytes: u64,
-    /// Whether a failed required component may be served stale (FALLBACK).
-    pub allow_stale_required: bool,
-    /// Time a background refresh may take.
-    #[serde(with = "humantime_serde")]
-    pub refresh_timeout: Duration,
-    /// Shared tier: `redis://host:port`; unset: in-process only.
-    pub redis_url: Option<String>,
-    /// Longest a Redis call may take; past it bfb goes on without Redis.
-    #[serde(with = "humantime_serde")]
-    pub redis_timeout: Duration,
-    /// Per-component overrides, keyed by component name.
-    pub components: BTreeMap<String, ComponentCacheSection>,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        CacheSettings {
-            enabled: false,
-            ttl: Duration::from_secs(30),
-            stale_while_revalidate: Duration::from_secs(30),
-            stale_ttl: Duration::from_secs(300),
-            jitter: 0.1,
-            max_bytes: 256 * 1024 * 1024,
-            allow_stale_required: false,
-            refresh_timeout: Duration::from_secs(2),
-            redis_url: None,
-            redis_timeout: Duration::from_millis(20),
-            components: BTreeMap::new(),
-        }
-    }
-}
-
-/// One component's cache overrides.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ComponentCacheSection {
-    /// Overrides `cache.enabled`.
-    pub enabled: Option<bool>,
-    /// Overrides `cache.ttl`.
-    #[serde(default, with = "humantime_serde")]
-    pub ttl: Option<Duration>,
-    /// Overrides `cache.stale_while_revalidate`.
-    #[serde(default, with = "humantime_serde")]
-    pub stale_while_revalidate: Option<Duration>,
-    /// Overrides `cache.stale_ttl`.
-    #[serde(default, with = "humantime_serde")]
-    pub stale_ttl: Option<Duration>,
-}
-
-/// One component's resolved cache settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ComponentCache {
-    /// Whether results are cached.
-    pub enabled: bool,
-    /// Fresh for this long.
-    pub ttl: Duration,
-    /// Then served at once, refreshed in the background, for this long.
-    pub stale_while_revalidate: Duration,
-    /// Then (from `ttl`) kept for FALLBACK this long.
-    pub stale_ttl: Duration,
-}
-
-impl CacheSettings {
-    /// A component's settings with the defaults applied. The directory is
-    /// never cached: its batched lookups rarely repeat.
-    pub fn component(&self, c: Component) -> ComponentCache {
-        let o = self.components.get(c.name()).cloned().unwrap_or_default();
-        ComponentCache {
-            enabled: c != Component::Directory && o.enabled.unwrap_or(self.enabled),
-            ttl: o.ttl.unwrap_or(self.ttl),
-            stale_while_revalidate: o
-                .stale_while_revalidate
-                .unwrap_or(self.stale_while_revalidate),
-            stale_ttl: o.stale_ttl.unwrap_or(self.stale_ttl),
-        }
-    }
-}
-
 /// Per-aggregate settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -341,140 +134,6 @@ pub struct AggregateSection {
     /// Components without which a BEST_EFFORT answer is not worth sending: if
     /// one of them fails, the call fails. The others are optional.
     pub required: Vec<String>,
-}
-
-/// One downstream's settings: `downstream_defaults` with its own section
-/// merged over them.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DownstreamSettings {
-    /// `http://host:port` of the service.
-    pub endpoint: String,
-    /// Longest a single attempt may take.
-    #[serde(with = "humantime_serde", default = "default_timeout")]
-    pub timeout: Duration,
-    /// Longest a TCP connect may take.
-    #[serde(with = "humantime_serde", default = "default_timeout")]
-    pub connect_timeout: Duration,
-    /// Bulkhead: calls in flight to this downstream at once; more are
-    /// rejected at once (BULKHEAD_FULL).
-    #[serde(default = "default_max_concurrency")]
-    pub max_concurrency: usize,
-    /// The circuit breaker.
-    #[serde(default)]
-    pub breaker: BreakerSettings,
-    /// Retries of UNAVAILABLE answers.
-    #[serde(default)]
-    pub retry: RetrySettings,
-    /// Hedged requests (off by default).
-    #[serde(default)]
-    pub hedge: HedgeSettings,
-}
-
-fn default_timeout() -> Duration {
-    Duration::from_secs(1)
-}
-
-fn default_max_concurrency() -> usize {
-    100
-}
-
-/// Circuit breaker over a count-based sliding window of recent calls.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct BreakerSettings {
-    /// Number of recent calls the rates are computed over.
-    pub window: usize,
-    /// Calls the window must hold before the breaker may open.
-    pub min_calls: usize,
-    /// Opens when this fraction of the window failed.
-    pub failure_rate: f64,
-    /// Opens when this fraction of the window was slower than `slow_call`.
-    pub slow_call_rate: f64,
-    /// A call that took at least this long is slow.
-    #[serde(with = "humantime_serde")]
-    pub slow_call: Duration,
-    /// How long the breaker stays open before probing.
-    #[serde(with = "humantime_serde")]
-    pub open_for: Duration,
-    /// Calls let through while half-open; all must succeed to close.
-    pub half_open_probes: usize,
-}
-
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        BreakerSettings {
-            window: 50,
-            min_calls: 20,
-            failure_rate: 0.5,
-            slow_call_rate: 1.0,
-            slow_call: Duration::from_secs(1),
-            open_for: Duration::from_secs(5),
-            half_open_probes: 3,
-        }
-    }
-}
-
-/// Retries of reads that failed with UNAVAILABLE, under a budget.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetrySettings {
-    /// Attempts per call, the first included (1 turns retries off).
-    pub max_attempts: u32,
-    /// Backoff before the first retry; doubled for each further one, with
-    /// full jitter.
-    #[serde(with = "humantime_serde")]
-    pub initial_backoff: Duration,
-    /// Upper bound of the backoff.
-    #[serde(with = "humantime_serde")]
-    pub max_backoff: Duration,
-    /// Retries (and hedges) allowed as a fraction of calls (0.2 = 20 %).
-    pub budget_percent: f32,
-    /// Retries per second allowed whatever the call rate (the floor).
-    pub budget_min_per_sec: u32,
-    /// Window the budget is computed over (1 s to 60 s).
-    #[serde(with = "humantime_serde")]
-    pub budget_ttl: Duration,
-}
-
-impl Default for RetrySettings {
-    fn default() -> Self {
-        RetrySettings {
-            max_attempts: 3,
-            initial_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(200),
-            budget_percent: 0.2,
-            budget_min_per_sec: 1,
-            budget_ttl: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Hedging: a second copy of a slow read, sent after the downstream's
-/// observed latency percentile.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HedgeSettings {
-    /// Whether to hedge at all.
-    pub enabled: bool,
-    /// Latency percentile after which the copy is sent (0.95 = p95).
-    pub percentile: f64,
-    /// Successful calls observed before hedging starts.
-    pub min_samples: usize,
-    /// Never hedge sooner than this.
-    #[serde(with = "humantime_serde")]
-    pub min_delay: Duration,
-}
-
-impl Default for HedgeSettings {
-    fn default() -> Self {
-        HedgeSettings {
-            enabled: false,
-            percentile: 0.95,
-            min_samples: 100,
-            min_delay: Duration::from_millis(1),
-        }
-    }
 }
 
 /// One thing wrong with a config: where, and what to change.

@@ -1,0 +1,110 @@
+//! `[cache]`: the component cache and its per-component overrides.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Deserialize;
+
+use crate::component::Component;
+
+/// The in-process cache of component results (one downstream answer per
+/// component and key). Off unless enabled: whether stale data is acceptable
+/// is a per-deployment, per-component decision.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSettings {
+    /// Default for every component.
+    pub enabled: bool,
+    /// Default time an entry is fresh.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Default time after `ttl` during which an entry is served at once while
+    /// one background refresh runs (stale-while-revalidate).
+    #[serde(with = "humantime_serde")]
+    pub stale_while_revalidate: Duration,
+    /// Default time after `ttl` during which an entry may still be served
+    /// as FALLBACK when the live call fails (stale-if-error); at least
+    /// `stale_while_revalidate`.
+    #[serde(with = "humantime_serde")]
+    pub stale_ttl: Duration,
+    /// TTLs vary by up to this fraction (±), so entries written together do
+    /// not expire together.
+    pub jitter: f64,
+    /// Bound on the cache's size: bytes of encoded entries.
+    pub max_bytes: u64,
+    /// Whether a failed required component may be served stale (FALLBACK).
+    pub allow_stale_required: bool,
+    /// Time a background refresh may take.
+    #[serde(with = "humantime_serde")]
+    pub refresh_timeout: Duration,
+    /// Shared tier: `redis://host:port`; unset: in-process only.
+    pub redis_url: Option<String>,
+    /// Longest a Redis call may take; past it bfb goes on without Redis.
+    #[serde(with = "humantime_serde")]
+    pub redis_timeout: Duration,
+    /// Per-component overrides, keyed by component name.
+    pub components: BTreeMap<String, ComponentCacheSection>,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        CacheSettings {
+            enabled: false,
+            ttl: Duration::from_secs(30),
+            stale_while_revalidate: Duration::from_secs(30),
+            stale_ttl: Duration::from_secs(300),
+            jitter: 0.1,
+            max_bytes: 256 * 1024 * 1024,
+            allow_stale_required: false,
+            refresh_timeout: Duration::from_secs(2),
+            redis_url: None,
+            redis_timeout: Duration::from_millis(20),
+            components: BTreeMap::new(),
+        }
+    }
+}
+
+/// One component's cache overrides.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentCacheSection {
+    /// Overrides `cache.enabled`.
+    pub enabled: Option<bool>,
+    /// Overrides `cache.ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+    /// Overrides `cache.stale_while_revalidate`.
+    #[serde(default, with = "humantime_serde")]
+    pub stale_while_revalidate: Option<Duration>,
+    /// Overrides `cache.stale_ttl`.
+    #[serde(default, with = "humantime_serde")]
+    pub stale_ttl: Option<Duration>,
+}
+
+/// One component's resolved cache settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComponentCache {
+    /// Whether results are cached.
+    pub enabled: bool,
+    /// Fresh for this long.
+    pub ttl: Duration,
+    /// Then served at once, refreshed in the background, for this long.
+    pub stale_while_revalidate: Duration,
+    /// Then (from `ttl`) kept for FALLBACK this long.
+    pub stale_ttl: Duration,
+}
+
+impl CacheSettings {
+    /// A component's settings with the defaults applied. The directory is
+    /// never cached: its batched lookups rarely repeat.
+    pub fn component(&self, c: Component) -> ComponentCache {
+        let o = self.components.get(c.name()).cloned().unwrap_or_default();
+        ComponentCache {
+            enabled: c != Component::Directory && o.enabled.unwrap_or(self.enabled),
+            ttl: o.ttl.unwrap_or(self.ttl),
+            stale_while_revalidate: o
+                .stale_while_revalidate
+                .unwrap_or(self.stale_while_revalidate),
+            stale_ttl: o.stale_ttl.unwrap_or(self.stale_ttl),
+        }
+    }
+}

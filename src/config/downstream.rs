@@ -1,0 +1,140 @@
+//! `[downstream_defaults]` and `[downstreams.NAME]`: one downstream's
+//! timeouts, bulkhead, breaker, retries and hedging.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// One downstream's settings: `downstream_defaults` with its own section
+/// merged over them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamSettings {
+    /// `http://host:port` of the service.
+    pub endpoint: String,
+    /// Longest a single attempt may take.
+    #[serde(with = "humantime_serde", default = "default_timeout")]
+    pub timeout: Duration,
+    /// Longest a TCP connect may take.
+    #[serde(with = "humantime_serde", default = "default_timeout")]
+    pub connect_timeout: Duration,
+    /// Bulkhead: calls in flight to this downstream at once; more are
+    /// rejected at once (BULKHEAD_FULL).
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// The circuit breaker.
+    #[serde(default)]
+    pub breaker: BreakerSettings,
+    /// Retries of UNAVAILABLE answers.
+    #[serde(default)]
+    pub retry: RetrySettings,
+    /// Hedged requests (off by default).
+    #[serde(default)]
+    pub hedge: HedgeSettings,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_max_concurrency() -> usize {
+    100
+}
+
+/// Circuit breaker over a count-based sliding window of recent calls.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerSettings {
+    /// Number of recent calls the rates are computed over.
+    pub window: usize,
+    /// Calls the window must hold before the breaker may open.
+    pub min_calls: usize,
+    /// Opens when this fraction of the window failed.
+    pub failure_rate: f64,
+    /// Opens when this fraction of the window was slower than `slow_call`.
+    pub slow_call_rate: f64,
+    /// A call that took at least this long is slow.
+    #[serde(with = "humantime_serde")]
+    pub slow_call: Duration,
+    /// How long the breaker stays open before probing.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+    /// Calls let through while half-open; all must succeed to close.
+    pub half_open_probes: usize,
+}
+
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings {
+            window: 50,
+            min_calls: 20,
+            failure_rate: 0.5,
+            slow_call_rate: 1.0,
+            slow_call: Duration::from_secs(1),
+            open_for: Duration::from_secs(5),
+            half_open_probes: 3,
+        }
+    }
+}
+
+/// Retries of reads that failed with UNAVAILABLE, under a budget.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// Attempts per call, the first included (1 turns retries off).
+    pub max_attempts: u32,
+    /// Backoff before the first retry; doubled for each further one, with
+    /// full jitter.
+    #[serde(with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Upper bound of the backoff.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Retries (and hedges) allowed as a fraction of calls (0.2 = 20 %).
+    pub budget_percent: f32,
+    /// Retries per second allowed whatever the call rate (the floor).
+    pub budget_min_per_sec: u32,
+    /// Window the budget is computed over (1 s to 60 s).
+    #[serde(with = "humantime_serde")]
+    pub budget_ttl: Duration,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        RetrySettings {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(200),
+            budget_percent: 0.2,
+            budget_min_per_sec: 1,
+            budget_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Hedging: a second copy of a slow read, sent after the downstream's
+/// observed latency percentile.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HedgeSettings {
+    /// Whether to hedge at all.
+    pub enabled: bool,
+    /// Latency percentile after which the copy is sent (0.95 = p95).
+    pub percentile: f64,
+    /// Successful calls observed before hedging starts.
+    pub min_samples: usize,
+    /// Never hedge sooner than this.
+    #[serde(with = "humantime_serde")]
+    pub min_delay: Duration,
+}
+
+impl Default for HedgeSettings {
+    fn default() -> Self {
+        HedgeSettings {
+            enabled: false,
+            percentile: 0.95,
+            min_samples: 100,
+            min_delay: Duration::from_millis(1),
+        }
+    }
+}
