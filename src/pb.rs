@@ -20,6 +20,9 @@ pub mod bfb {
         pub mod v1 {
             tonic::include_proto!("bfb.customer.v1");
         }
+        pub mod v2 {
+            tonic::include_proto!("bfb.customer.v2");
+        }
     }
     /// The user-activity aggregate.
     pub mod activity {

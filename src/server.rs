@@ -13,7 +13,10 @@ use tonic::{
 use tonic_health::ServingStatus;
 
 use crate::{
-    api::{activity_v1::ActivityV1, admin_v1::CacheAdminV1, customer_v1::CustomerV1},
+    api::{
+        activity_v1::ActivityV1, admin_v1::CacheAdminV1, customer_v1::CustomerV1,
+        customer_v2::CustomerV2,
+    },
     config::Config,
     downstream::EndpointError,
     engine::Engine,
@@ -24,6 +27,7 @@ use crate::{
             activity::v1::user_activity_service_server::UserActivityServiceServer,
             admin::v1::cache_admin_server::CacheAdminServer,
             customer::v1::customer_aggregate_service_server::CustomerAggregateServiceServer,
+            customer::v2::customer_aggregate_service_server::CustomerAggregateServiceServer as CustomerV2Server,
         },
     },
     telemetry::metrics::{self, Metrics},
@@ -117,10 +121,13 @@ pub async fn serve(
     let max_request = config.server.max_request_bytes;
     let customer_v1 = CustomerAggregateServiceServer::new(CustomerV1::new(engine.clone()))
         .max_decoding_message_size(max_request);
+    let customer_v2 = CustomerV2Server::new(CustomerV2::new(engine.clone()))
+        .max_decoding_message_size(max_request);
     let activity_v1 = UserActivityServiceServer::new(ActivityV1::new(engine))
         .max_decoding_message_size(max_request);
     let public = [
         <CustomerAggregateServiceServer<CustomerV1> as NamedService>::NAME,
+        <CustomerV2Server<CustomerV2> as NamedService>::NAME,
         <UserActivityServiceServer<ActivityV1> as NamedService>::NAME,
     ];
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -179,6 +186,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(customer_v1)
+        .add_service(customer_v2)
         .add_service(activity_v1)
         .serve_with_incoming_shutdown(incoming(listeners.grpc), stopped(stop_rx));
 

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use tonic_types::FieldViolation;
 
 use crate::{
-    component::{Component, ComponentSet},
+    component::Component,
     engine::{ActivityParts, Deadline, Engine, activity::Window},
     error::Error,
     inbound::Arrival,
@@ -22,10 +22,7 @@ use crate::{
     telemetry::rpc::observe,
 };
 
-use super::{
-    aggregate_status, check_cache_policy, check_completeness, check_id, check_timestamp,
-    newest_first, summarize,
-};
+use super::{aggregate_status, check_common, check_timestamp, newest_first, summarize};
 
 /// The v1 user-activity service.
 pub struct ActivityV1 {
@@ -67,13 +64,16 @@ impl ActivityV1 {
         deadline: Deadline,
     ) -> Result<Response<GetUserActivityResponse>, Status> {
         let mut violations = Vec::new();
-        check_id("user_id", &req.user_id, &mut violations);
         let window = check_window(req.window, &mut violations);
-        let paths = req.read_mask.as_ref().map_or(&[][..], |m| &m.paths[..]);
-        let requested =
-            ComponentSet::from_read_mask(paths, &Component::ACTIVITY, "read_mask", &mut violations);
-        let completeness = check_completeness(req.completeness, &mut violations);
-        let policy = check_cache_policy(req.cache.as_ref(), &mut violations);
+        let c = check_common(
+            "user_id",
+            &req.user_id,
+            req.read_mask.as_ref(),
+            &Component::ACTIVITY,
+            req.completeness,
+            req.cache.as_ref(),
+            &mut violations,
+        );
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
@@ -82,9 +82,9 @@ impl ActivityV1 {
             .activity(
                 &req.user_id,
                 &window,
-                requested,
-                completeness,
-                policy,
+                c.requested,
+                c.completeness,
+                c.policy,
                 deadline,
             )
             .await?;

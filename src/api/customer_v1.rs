@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    component::{Component, ComponentSet},
+    component::Component,
     engine::{CustomerParts, Deadline, Engine},
     error::Error,
     inbound::Arrival,
@@ -20,7 +20,7 @@ use crate::{
     telemetry::rpc::observe,
 };
 
-use super::{aggregate_status, check_cache_policy, check_completeness, check_id, summarize};
+use super::{aggregate_status, check_common, summarize};
 
 /// How many recent reviews and orders v1 returns.
 const RECENT: usize = 10;
@@ -65,18 +65,27 @@ impl CustomerV1 {
         deadline: Deadline,
     ) -> Result<Response<GetCustomerResponse>, Status> {
         let mut violations = Vec::new();
-        check_id("customer_id", &req.customer_id, &mut violations);
-        let paths = req.read_mask.as_ref().map_or(&[][..], |m| &m.paths[..]);
-        let requested =
-            ComponentSet::from_read_mask(paths, &Component::CUSTOMER, "read_mask", &mut violations);
-        let completeness = check_completeness(req.completeness, &mut violations);
-        let policy = check_cache_policy(req.cache.as_ref(), &mut violations);
+        let c = check_common(
+            "customer_id",
+            &req.customer_id,
+            req.read_mask.as_ref(),
+            &Component::CUSTOMER,
+            req.completeness,
+            req.cache.as_ref(),
+            &mut violations,
+        );
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
         let parts = self
             .engine
-            .customer(&req.customer_id, requested, completeness, policy, deadline)
+            .customer(
+                &req.customer_id,
+                c.requested,
+                c.completeness,
+                c.policy,
+                deadline,
+            )
             .await?;
         Ok(Response::new(shape(req.customer_id, parts)))
     }

@@ -8,6 +8,7 @@
 pub mod activity_v1;
 pub mod admin_v1;
 pub mod customer_v1;
+pub mod customer_v2;
 
 use std::collections::HashMap;
 
@@ -16,7 +17,7 @@ use tonic_types::FieldViolation;
 
 use crate::{
     cache::{Policy, Source},
-    component::Component,
+    component::{Component, ComponentSet},
     engine::{Completeness, OutcomeState},
     error::Reason,
     pb::bfb::common::v1::{
@@ -58,6 +59,37 @@ pub fn check_completeness(value: i32, violations: &mut Vec<FieldViolation>) -> C
             ));
             Completeness::BestEffort
         }
+    }
+}
+
+/// The checked fields every aggregate request has, in every version.
+pub struct Common {
+    /// Components named by the read mask (all when empty).
+    pub requested: ComponentSet,
+    /// How complete the answer must be.
+    pub completeness: Completeness,
+    /// How the cache may be used.
+    pub policy: Policy,
+}
+
+/// Checks the fields every aggregate request has: the entity id (as
+/// `id_field`), the read mask against `allowed`, completeness and the cache
+/// policy. Problems go to `violations`.
+pub fn check_common(
+    id_field: &str,
+    id: &str,
+    read_mask: Option<&prost_types::FieldMask>,
+    allowed: &[Component],
+    completeness: i32,
+    cache: Option<&PbCachePolicy>,
+    violations: &mut Vec<FieldViolation>,
+) -> Common {
+    check_id(id_field, id, violations);
+    let paths = read_mask.map_or(&[][..], |m| &m.paths[..]);
+    Common {
+        requested: ComponentSet::from_read_mask(paths, allowed, "read_mask", violations),
+        completeness: check_completeness(completeness, violations),
+        policy: check_cache_policy(cache, violations),
     }
 }
 
