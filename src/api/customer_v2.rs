@@ -178,7 +178,7 @@ fn encode_token(list: &str, offset: usize) -> String {
 }
 
 fn decode_token(token: &str, list: &str) -> Option<usize> {
-    if token.len() % 2 != 0 || token.len() > 64 {
+    if !token.len().is_multiple_of(2) || token.len() > 64 {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..token.len())
