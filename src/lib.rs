@@ -8,7 +8,8 @@
 //! - [`server`]: the tonic server: public API versions, health, reflection on
 //!   one listener, HTTP/2 limits; `serve(config, listener, shutdown)`.
 //! - [`api`]: one thin adapter per contract version (`customer_v1`,
-//!   `activity_v1`): validate the request, call the engine, shape the answer.
+//!   `customer_v2`, `activity_v1`, and `admin_v1` for operators): validate the
+//!   request, call the engine, shape the answer.
 //! - [`engine`]: the fan-out engine shared by every version: which downstream
 //!   calls to make, concurrently, under the caller's [`engine::Deadline`], and
 //!   how required and optional components fail (`customer`, `activity`).
