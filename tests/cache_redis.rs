@@ -65,6 +65,52 @@ async fn redis_keys(addr: SocketAddr) -> usize {
         .expect("dbsize")
 }
 
+async fn keys_for(addr: SocketAddr, id: &str) -> usize {
+    let client = redis::Client::open(format!("redis://{addr}")).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*|{id}|*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    keys.len()
+}
+
+async fn flush(addr: SocketAddr) {
+    let client = redis::Client::open(format!("redis://{addr}")).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("flushall");
+}
+
+/// Waits until the instance behind `client` writes to Redis. bfb connects to
+/// Redis in the background, and an answer cached before that stays
+/// in-process only, so each attempt uses a fresh id (`c-{base}`, ...).
+async fn until_connected(
+    client: &CustomerAggregateServiceClient<tonic::transport::Channel>,
+    raddr: SocketAddr,
+    base: u32,
+) {
+    let mut n = base;
+    eventually("the instance to connect to redis", || {
+        n += 1;
+        let (mut c, id) = (client.clone(), format!("c-{n}"));
+        async move {
+            let _ = c.get_customer(get(&id)).await;
+            keys_for(raddr, &id).await >= 4
+        }
+    })
+    .await;
+}
+
 fn with_redis(addr: SocketAddr) -> impl FnOnce(&mut Config) {
     move |c: &mut Config| {
         c.cache.enabled = true;
@@ -98,21 +144,21 @@ async fn a_second_instance_serves_from_redis_without_calling_downstream() {
     let (_redis, raddr) = redis().await;
     let h = common::start(bfb::sim::SimConfig::default(), with_redis(raddr)).await;
     let second = common::start_bfb(h.sim, with_redis(raddr)).await;
-    let first = h.customers().await;
+    let mut first = h.customers().await;
 
     // Until the first instance has connected, its entries stay in-process.
-    eventually("the first instance to write to redis", || {
-        let mut first = first.clone();
-        async move {
-            let _ = first.get_customer(get("c-31")).await;
-            redis_keys(raddr).await >= 4
-        }
+    let mut second_client = client(second.addr).await;
+    until_connected(&first, raddr, 1000).await;
+    until_connected(&second_client, raddr, 2000).await;
+    flush(raddr).await;
+    first.get_customer(get("c-31")).await.expect("ok");
+    eventually("the write of c-31", || async {
+        keys_for(raddr, "c-31").await >= 4
     })
     .await;
     let before = h.calls().await;
 
     // The second instance has never seen c-31.
-    let mut second_client = client(second.addr).await;
     let r = second_client
         .get_customer(get("c-31"))
         .await
@@ -136,14 +182,7 @@ async fn killing_redis_mid_run_fails_nothing() {
     let (mut redis, raddr) = redis().await;
     let h = common::start(bfb::sim::SimConfig::default(), with_redis(raddr)).await;
     let mut c = h.customers().await;
-    eventually("writes to redis", || {
-        let mut c = c.clone();
-        async move {
-            let _ = c.get_customer(get("c-40")).await;
-            redis_keys(raddr).await >= 4
-        }
-    })
-    .await;
+    until_connected(&c, raddr, 1000).await;
     redis.kill().await.expect("kill redis");
     let _ = redis.wait().await;
 
@@ -200,15 +239,15 @@ async fn invalidation_drops_an_entity_in_both_tiers_and_on_other_replicas() {
     let h = common::start(bfb::sim::SimConfig::default(), with_redis(raddr)).await;
     let other = common::start_bfb(h.sim, with_redis(raddr)).await;
     let (a, mut b) = (h.customers().await, client(other.addr).await);
-    eventually("both replicas to cache c-60 and write it to redis", || {
-        let (mut a, mut b) = (a.clone(), b.clone());
-        async move {
-            let _ = a.get_customer(get("c-60")).await;
-            let _ = b.get_customer(get("c-60")).await;
-            redis_keys(raddr).await >= 4
-        }
+    until_connected(&a, raddr, 1000).await;
+    until_connected(&b, raddr, 2000).await;
+    flush(raddr).await;
+    a.clone().get_customer(get("c-60")).await.expect("ok");
+    eventually("the write of c-60", || async {
+        keys_for(raddr, "c-60").await >= 4
     })
     .await;
+    b.get_customer(get("c-60")).await.expect("ok");
     let r = b.get_customer(get("c-60")).await.expect("ok").into_inner();
     assert_eq!(
         r.status.expect("status").components["profile"].source,

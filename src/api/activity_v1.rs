@@ -10,7 +10,6 @@ use crate::{
     component::Component,
     engine::{ActivityParts, Deadline, Engine, activity::Window},
     error::Error,
-    inbound::Arrival,
     pb::{
         bfb::activity::v1::{
             ActivitySummary, Call, Calls, Channel, Counterparty, Direction, Email, Emails,
@@ -19,10 +18,9 @@ use crate::{
         },
         downstream,
     },
-    telemetry::rpc::observe,
 };
 
-use super::{aggregate_status, check_common, check_timestamp, newest_first, summarize};
+use super::{aggregate_status, check_common, check_timestamp, handle, newest_first};
 
 /// The v1 user-activity service.
 pub struct ActivityV1 {
@@ -42,16 +40,12 @@ impl UserActivityService for ActivityV1 {
         &self,
         request: Request<GetUserActivityRequest>,
     ) -> Result<Response<GetUserActivityResponse>, Status> {
-        let (metadata, extensions, req) = request.into_parts();
-        let arrival = extensions.get::<Arrival>().map(|a| a.0);
-        let summary = |r: &GetUserActivityResponse| summarize(r.status.as_ref());
-        let handled = self.get_user_activity(req, self.engine.deadline(&metadata, arrival));
-        observe(
-            self.engine.metrics(),
+        handle(
+            &self.engine,
             "GetUserActivity",
-            &metadata,
-            summary,
-            handled,
+            request,
+            |r: &GetUserActivityResponse| r.status.as_ref(),
+            |req, deadline| self.get_user_activity(req, deadline),
         )
         .await
     }

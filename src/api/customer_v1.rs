@@ -8,7 +8,6 @@ use crate::{
     component::Component,
     engine::{CustomerParts, Deadline, Engine},
     error::Error,
-    inbound::Arrival,
     pb::{
         bfb::customer::v1::{
             Customer, Favorite, Favorites, GetCustomerRequest, GetCustomerResponse, Order,
@@ -17,10 +16,9 @@ use crate::{
         },
         downstream::{self, orders::v1::OrderStatus},
     },
-    telemetry::rpc::observe,
 };
 
-use super::{aggregate_status, check_common, summarize};
+use super::{aggregate_status, check_common, handle};
 
 /// How many recent reviews and orders v1 returns.
 const RECENT: usize = 10;
@@ -43,16 +41,12 @@ impl CustomerAggregateService for CustomerV1 {
         &self,
         request: Request<GetCustomerRequest>,
     ) -> Result<Response<GetCustomerResponse>, Status> {
-        let (metadata, extensions, req) = request.into_parts();
-        let arrival = extensions.get::<Arrival>().map(|a| a.0);
-        let summary = |r: &GetCustomerResponse| summarize(r.status.as_ref());
-        let handled = self.get_customer(req, self.engine.deadline(&metadata, arrival));
-        observe(
-            self.engine.metrics(),
+        handle(
+            &self.engine,
             "GetCustomer",
-            &metadata,
-            summary,
-            handled,
+            request,
+            |r: &GetCustomerResponse| r.status.as_ref(),
+            |req, deadline| self.get_customer(req, deadline),
         )
         .await
     }

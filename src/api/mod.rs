@@ -10,21 +10,23 @@ pub mod admin_v1;
 pub mod customer_v1;
 pub mod customer_v2;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, future::Future};
 
 use prost_types::Timestamp;
+use tonic::{Request, Response, Status};
 use tonic_types::FieldViolation;
 
 use crate::{
     cache::{Policy, Source},
     component::{Component, ComponentSet},
-    engine::{Completeness, OutcomeState},
+    engine::{Completeness, Deadline, Engine, OutcomeState},
     error::Reason,
+    inbound::Arrival,
     pb::bfb::common::v1::{
         AggregateStatus, CachePolicy as PbCachePolicy, Completeness as PbCompleteness,
         ComponentState, ComponentStatus, DataSource,
     },
-    telemetry::rpc::Summary,
+    telemetry::rpc::{Summary, observe},
 };
 
 /// Longest accepted entity id.
@@ -60,6 +62,33 @@ pub fn check_completeness(value: i32, violations: &mut Vec<FieldViolation>) -> C
             Completeness::BestEffort
         }
     }
+}
+
+/// Runs one aggregate RPC: the caller's deadline from its arrival stamp and
+/// headers, then `handler` inside the per-RPC span, log line and metrics
+/// ([`observe`]). `status` finds the answer's aggregate status.
+pub async fn handle<Req, Resp, Fut>(
+    engine: &Engine,
+    method: &'static str,
+    request: Request<Req>,
+    status: fn(&Resp) -> Option<&AggregateStatus>,
+    handler: impl FnOnce(Req, Deadline) -> Fut,
+) -> Result<Response<Resp>, Status>
+where
+    Fut: Future<Output = Result<Response<Resp>, Status>>,
+{
+    let (metadata, extensions, req) = request.into_parts();
+    let arrival = extensions.get::<Arrival>().map(|a| a.0);
+    let deadline = engine.deadline(&metadata, arrival);
+    let summary = |r: &Resp| summarize(status(r));
+    observe(
+        engine.metrics(),
+        method,
+        &metadata,
+        summary,
+        handler(req, deadline),
+    )
+    .await
 }
 
 /// The checked fields every aggregate request has, in every version.
