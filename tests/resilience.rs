@@ -389,7 +389,26 @@ async fn a_killed_downstream_process_degrades_and_recovers() {
         })
     };
     let tasks: Vec<_> = (0..4).map(|_| load(&h)).collect();
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    // Kill it once the load has reached it (its own SimControl tells).
+    let mut control = bfb::pb::bfb::sim::v1::sim_control_client::SimControlClient::new(
+        common::channel(addr).await,
+    );
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = control
+            .get_stats(bfb::pb::bfb::sim::v1::GetStatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner();
+        if stats.services["orders"].calls >= 8 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the load never reached the orders process"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     proc.kill().await.expect("kill");
     let mut seen = std::collections::BTreeSet::new();
     for t in tasks {
