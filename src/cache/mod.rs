@@ -262,11 +262,6 @@ impl Cache {
         (local, shared, broadcast)
     }
 
-    /// Whether the shared tier is configured and connected.
-    pub fn shared_connected(&self) -> bool {
-        self.shared.as_ref().is_some_and(SharedTier::connected)
-    }
-
     /// Whether `component` is cached.
     pub fn enabled(&self, component: Component) -> bool {
         self.settings[component.index()].enabled

@@ -148,11 +148,6 @@ impl SharedTier {
             .inc();
     }
 
-    /// Whether Redis answered and is in use.
-    pub fn connected(&self) -> bool {
-        self.conn.get().is_some()
-    }
-
     /// Reads `key`, within the tier's timeout.
     pub(super) async fn get(&self, key: &str) -> Option<Entry> {
         let Some(conn) = self.conn.get() else {

@@ -44,7 +44,7 @@ use crate::{
         },
         sms::v1::{ListSmsRequest, ListSmsResponse, sms_service_client::SmsServiceClient},
     },
-    resilience::{Call, Failed, breaker::Breaker},
+    resilience::{Call, Failed},
     telemetry::metrics::Metrics,
 };
 
@@ -57,11 +57,10 @@ pub enum CallError {
     Failed(Reason),
 }
 
-/// One downstream: its resilience stack over a typed client, and the state
-/// operators and tests look at. Cloning is cheap (a boxed stack and an Arc).
+/// One downstream: its resilience stack over a typed client. Cloning is
+/// cheap (a boxed stack whose layers hold their state in `Arc`s).
 pub struct Downstream<M, T> {
     stack: BoxCloneSyncService<Call<M>, T, Failed>,
-    breaker: Arc<Breaker>,
 }
 
 // By hand: a derive would require `M: Clone, T: Clone`, which the stack does not need.
@@ -69,7 +68,6 @@ impl<M, T> Clone for Downstream<M, T> {
     fn clone(&self) -> Self {
         Downstream {
             stack: self.stack.clone(),
-            breaker: self.breaker.clone(),
         }
     }
 }
@@ -84,11 +82,6 @@ impl<M, T> Downstream<M, T> {
             hedge: false,
         };
         self.stack.clone().oneshot(call).await.map_err(|f| f.error)
-    }
-
-    /// The downstream's circuit breaker.
-    pub fn breaker(&self) -> &Breaker {
-        &self.breaker
     }
 }
 
@@ -146,8 +139,8 @@ macro_rules! downstream {
             let mut client = $client::clone(&client);
             async move { client.$method(request).await }
         });
-        let (stack, breaker) = stack::build($component, $rpc, settings, $metrics, rpc);
-        Downstream { stack, breaker }
+        let stack = stack::build($component, $rpc, settings, $metrics, rpc);
+        Downstream { stack }
     }};
 }
 
@@ -234,20 +227,6 @@ impl Downstreams {
                 "downstream.directory.v1.DirectoryService/BatchGetContacts"
             ),
         })
-    }
-
-    /// The circuit breaker of `component`'s downstream.
-    pub fn breaker(&self, component: Component) -> &Breaker {
-        match component {
-            Component::Profile => self.profile.breaker(),
-            Component::Favorites => self.favorites.breaker(),
-            Component::Reviews => self.reviews.breaker(),
-            Component::Orders => self.orders.breaker(),
-            Component::Calls => self.calls.breaker(),
-            Component::Emails => self.emails.breaker(),
-            Component::Sms => self.sms.breaker(),
-            Component::Directory => self.directory.breaker(),
-        }
     }
 }
 

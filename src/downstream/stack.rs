@@ -22,14 +22,14 @@ use crate::{
 
 /// Wraps the tonic call `rpc` (named `rpc_name`, e.g.
 /// `downstream.orders.v1.OrdersService/ListOrders`) of `component`'s
-/// downstream in its resilience stack. Returns the stack and its breaker.
+/// downstream in its resilience stack.
 pub fn build<M, T, S>(
     component: Component,
     rpc_name: &'static str,
     settings: &DownstreamSettings,
     metrics: &Arc<Metrics>,
     rpc: S,
-) -> (BoxCloneSyncService<Call<M>, T, Failed>, Arc<Breaker>)
+) -> BoxCloneSyncService<Call<M>, T, Failed>
 where
     S: Service<Request<M>, Response = Response<T>, Error = Status> + Clone + Send + Sync + 'static,
     S::Future: Send,
@@ -61,11 +61,11 @@ where
         .layer(HedgeLayer::new(settings.hedge.clone(), budget, m.clone()))
         // 4. Circuit breaker: every attempt (retries and hedges included) is
         //    an outcome; while open, attempts fail in microseconds.
-        .layer(BreakerLayer::new(breaker.clone()))
+        .layer(BreakerLayer::new(breaker))
         // 5. Attempt: grpc-timeout = min(timeout, deadline left - reserve),
         //    enforced locally too; the status classified.
         //    Each attempt is a client span carrying the trace context and request id.
         .layer(AttemptLayer::new(settings.timeout, component, rpc_name, m))
         .service(rpc);
-    (BoxCloneSyncService::new(stack), breaker)
+    BoxCloneSyncService::new(stack)
 }

@@ -160,11 +160,6 @@ impl Engine {
             .await
     }
 
-    /// The downstreams, for their state (breakers).
-    pub fn downstreams(&self) -> &Downstreams {
-        &self.downstreams
-    }
-
     /// The deadline of a call with these headers that arrived at `arrival`
     /// (now, if unknown).
     pub fn deadline(
