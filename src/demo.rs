@@ -100,6 +100,7 @@ pub async fn run(
         grpc: bfb_listener,
         metrics,
         admin,
+        health: None,
     };
     let bfb = crate::server::serve(&config, listeners, stopped(stop_rx));
     let trigger = async move {

@@ -106,6 +106,25 @@ pub enum Error {
     /// The call ran out of time in bfb's own hard limit.
     #[error("deadline exceeded")]
     DeadlineExceeded,
+    /// The caller could not be authenticated. Deliberately without detail:
+    /// the reason is logged, not told to a possible attacker.
+    #[error("unauthenticated")]
+    Unauthenticated,
+    /// The caller is authenticated but may not do this.
+    #[error("{0}")]
+    PermissionDenied(Denied),
+    /// The consumer is over its request rate.
+    #[error("rate limit exceeded; retry later")]
+    RateLimited {
+        /// When a request will be admitted again.
+        retry_after: Duration,
+    },
+    /// The consumer has its whole concurrency share in flight.
+    #[error("too many calls in flight for this consumer; retry later")]
+    ConsumerOverloaded {
+        /// Suggested wait before retrying.
+        retry_after: Duration,
+    },
     /// A component the answer cannot do without failed.
     #[error("component {component} failed: {}", reason.code())]
     Component {
@@ -114,6 +133,20 @@ pub enum Error {
         /// Why.
         reason: Reason,
     },
+}
+
+/// What a caller was denied.
+#[derive(Debug, thiserror::Error)]
+pub enum Denied {
+    /// Its identity is not a configured consumer.
+    #[error("caller is not a known consumer")]
+    Consumer,
+    /// The method (`package.Service/Method`).
+    #[error("caller may not call {0}")]
+    Method(String),
+    /// A component it asked for.
+    #[error("caller may not read component {0}")]
+    Component(Component),
 }
 
 fn describe(violations: &[FieldViolation]) -> String {
@@ -155,6 +188,39 @@ impl From<Error> for Status {
                 message,
                 ErrorDetails::with_error_info("DEADLINE_EXCEEDED", ERROR_DOMAIN, HashMap::new()),
             ),
+            Error::Unauthenticated => Status::with_error_details(
+                Code::Unauthenticated,
+                message,
+                ErrorDetails::with_error_info("UNAUTHENTICATED", ERROR_DOMAIN, HashMap::new()),
+            ),
+            Error::PermissionDenied(denied) => {
+                let (reason, metadata) = match denied {
+                    Denied::Consumer => ("UNKNOWN_CONSUMER", HashMap::new()),
+                    Denied::Method(m) => (
+                        "METHOD_NOT_ALLOWED",
+                        HashMap::from([("method".to_string(), m)]),
+                    ),
+                    Denied::Component(c) => (
+                        "COMPONENT_NOT_ALLOWED",
+                        HashMap::from([("component".to_string(), c.name().to_string())]),
+                    ),
+                };
+                Status::with_error_details(
+                    Code::PermissionDenied,
+                    message,
+                    ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+                )
+            }
+            Error::RateLimited { retry_after } => {
+                let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+                details.set_error_info("RATE_LIMITED", ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
+            Error::ConsumerOverloaded { retry_after } => {
+                let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+                details.set_error_info("CONSUMER_CONCURRENCY", ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
             Error::Component { component, reason } => {
                 let code = match reason {
                     r if r.is_caller_deadline() => Code::DeadlineExceeded,
@@ -221,6 +287,29 @@ mod tests {
         assert_eq!(
             status.get_details_error_info().expect("info").reason,
             "OVERLOADED"
+        );
+    }
+
+    #[test]
+    fn denials_name_what_was_denied() {
+        let status = Status::from(Error::PermissionDenied(Denied::Component(
+            Component::Emails,
+        )));
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let info = status.get_details_error_info().expect("info");
+        assert_eq!(info.reason, "COMPONENT_NOT_ALLOWED");
+        assert_eq!(info.metadata["component"], "emails");
+        assert!(status.message().contains("emails"));
+        let status = Status::from(Error::Unauthenticated);
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert_eq!(status.message(), "unauthenticated");
+        let status = Status::from(Error::RateLimited {
+            retry_after: Duration::from_millis(250),
+        });
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(
+            status.get_details_retry_info().expect("retry").retry_delay,
+            Some(Duration::from_millis(250))
         );
     }
 

@@ -38,6 +38,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod auth;
 pub mod cache;
 pub mod component;
 pub mod config;

@@ -176,6 +176,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 Some(addr) => Some(TcpListener::bind(addr).await?),
                 None => None,
             };
+            let health = match config.server.health_listen {
+                Some(addr) => Some(TcpListener::bind(addr).await?),
+                None => None,
+            };
             // Scripts and benches start bfb on port 0 and read the addresses from here.
             say!("bfb listening on {}", grpc.local_addr()?);
             if let Some(m) = &metrics {
@@ -184,12 +188,16 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             if let Some(a) = &admin {
                 say!("bfb admin on {}", a.local_addr()?);
             }
+            if let Some(h) = &health {
+                say!("bfb health on {}", h.local_addr()?);
+            }
             let result = bfb::server::serve(
                 &config,
                 Listeners {
                     grpc,
                     metrics,
                     admin,
+                    health,
                 },
                 shutdown_signal(),
             )

@@ -3,7 +3,7 @@
 //! draining and graceful shutdown. [`serve`] takes bound listeners and a
 //! shutdown future so tests run the real server on port 0.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::{
@@ -17,6 +17,7 @@ use crate::{
         activity_v1::ActivityV1, admin_v1::CacheAdminV1, customer_v1::CustomerV1,
         customer_v2::CustomerV2,
     },
+    auth::{AuthLayer, tls::ServerTls},
     config::Config,
     downstream::EndpointError,
     engine::Engine,
@@ -53,6 +54,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// TLS files or the JWKS could not be loaded.
+    #[error("{0}")]
+    Security(String),
 }
 
 /// The listeners bfb serves on.
@@ -63,6 +67,37 @@ pub struct Listeners {
     pub metrics: Option<TcpListener>,
     /// The admin API (`bfb.admin.v1`); none: not served.
     pub admin: Option<TcpListener>,
+    /// Plaintext health only, for Kubernetes probes when `grpc` uses TLS;
+    /// none: health is served on `grpc` only.
+    pub health: Option<TcpListener>,
+}
+
+/// Connections of a listener: plaintext, or TLS terminated by bfb.
+type Incoming = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+
+/// Serves `router` on `listener`, through `tls` when set, until `signal`.
+fn serve_on<L>(
+    router: tonic::transport::server::Router<L>,
+    listener: TcpListener,
+    tls: Option<&ServerTls>,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Incoming
+where
+    L: tower::Layer<tonic::service::Routes> + Send + 'static,
+    L::Service: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error:
+        Into<tower::BoxError> + Send,
+{
+    match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), signal)),
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), signal)),
+    }
 }
 
 /// Reflection services (`grpc.reflection.v1` and `v1alpha`) that list the
@@ -116,6 +151,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
+    let auth = AuthLayer::new(config, &metrics).map_err(ServeError::Security)?;
+    let tls = config
+        .tls
+        .as_ref()
+        .map(|t| ServerTls::load(t, config.auth.reload_interval))
+        .transpose()
+        .map_err(ServeError::Security)?;
     let engine = Arc::new(Engine::new(config, &metrics)?);
     let admin = CacheAdminServer::new(CacheAdminV1::new(engine.cache().clone()));
     let max_request = config.server.max_request_bytes;
@@ -145,12 +187,21 @@ pub async fn serve(
         let admin_name = <CacheAdminServer<CacheAdminV1> as NamedService>::NAME;
         let (admin_reflection, _) = reflection(&[admin_name])?;
         tracing::info!(addr = ?listener.local_addr().ok(), "admin API serving");
-        tokio::spawn(
-            Server::builder()
-                .add_service(admin)
-                .add_service(admin_reflection)
-                .serve_with_incoming_shutdown(incoming(listener), stopped(stop_rx.clone())),
-        );
+        let router = Server::builder()
+            .layer(auth.clone())
+            .add_service(admin)
+            .add_service(admin_reflection);
+        tokio::spawn(serve_on(
+            router,
+            listener,
+            tls.as_ref(),
+            stopped(stop_rx.clone()),
+        ));
+    }
+    if let Some(listener) = listeners.health {
+        tracing::info!(addr = ?listener.local_addr().ok(), "plaintext health serving");
+        let router = Server::builder().add_service(health_service.clone());
+        tokio::spawn(serve_on(router, listener, None, stopped(stop_rx.clone())));
     }
     if let Some(listener) = listeners.metrics {
         tokio::spawn(metrics::serve(
@@ -182,13 +233,14 @@ pub async fn serve(
             s.max_request_bytes,
             metrics.load_shed.clone(),
         ))
+        .layer(auth)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(customer_v1)
         .add_service(customer_v2)
-        .add_service(activity_v1)
-        .serve_with_incoming_shutdown(incoming(listeners.grpc), stopped(stop_rx));
+        .add_service(activity_v1);
+    let server = serve_on(server, listeners.grpc, tls.as_ref(), stopped(stop_rx));
 
     // Liveness and the public services: SERVING now that the listener is
     // bound; readiness last, when everything is in place.

@@ -69,10 +69,17 @@ fn manifests_agree_with_the_config_and_the_server() {
         "listen on all interfaces in a pod"
     );
 
-    // Probes: native gRPC, on the gRPC port, the service names bfb serves.
+    // Probes: native gRPC on the plaintext health port (the gRPC port
+    // needs client certificates), the service names bfb serves.
+    let tls = config.tls.as_ref().expect("TLS on in production");
+    let health = config
+        .server
+        .health_listen
+        .expect("a plaintext health port");
+    assert_eq!(named("health"), port(health));
     assert_eq!(
         at(container, "livenessProbe.grpc.port").as_u64(),
-        Some(port(config.listen))
+        Some(port(health))
     );
     assert_eq!(
         at(container, "livenessProbe.grpc.service").as_str(),
@@ -80,8 +87,18 @@ fn manifests_agree_with_the_config_and_the_server() {
     );
     assert_eq!(
         at(container, "readinessProbe.grpc.port").as_u64(),
-        Some(port(config.listen))
+        Some(port(health))
     );
+    assert_ne!(config.auth.mode, bfb::config::AuthMode::None);
+    // The TLS files are where the secret is mounted.
+    let tls_mount = at(container, "volumeMounts.1.mountPath")
+        .as_str()
+        .expect("tls mount");
+    for file in [Some(&tls.cert), Some(&tls.key), tls.client_ca.as_ref()] {
+        let file = file.expect("file").to_str().expect("utf-8");
+        assert!(file.starts_with(tls_mount), "{file} under {tls_mount}");
+    }
+    assert!(at(pod, "volumes.1.secret.secretName").is_string());
     assert_eq!(
         at(container, "readinessProbe.grpc.service").as_str(),
         Some(READINESS)

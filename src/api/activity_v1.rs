@@ -8,7 +8,7 @@ use tonic_types::FieldViolation;
 
 use crate::{
     component::Component,
-    engine::{ActivityParts, Deadline, Engine, activity::Window},
+    engine::{ActivityParts, Engine, activity::Window},
     error::Error,
     pb::{
         bfb::activity::v1::{
@@ -20,7 +20,7 @@ use crate::{
     },
 };
 
-use super::{aggregate_status, check_common, check_timestamp, handle, newest_first};
+use super::{Rpc, aggregate_status, check_common, check_timestamp, handle, newest_first};
 
 /// The v1 user-activity service.
 pub struct ActivityV1 {
@@ -45,7 +45,7 @@ impl UserActivityService for ActivityV1 {
             "GetUserActivity",
             request,
             |r: &GetUserActivityResponse| r.status.as_ref(),
-            |req, deadline| self.get_user_activity(req, deadline),
+            |req, call| self.get_user_activity(req, call),
         )
         .await
     }
@@ -55,7 +55,7 @@ impl ActivityV1 {
     async fn get_user_activity(
         &self,
         req: GetUserActivityRequest,
-        deadline: Deadline,
+        call: Rpc,
     ) -> Result<Response<GetUserActivityResponse>, Status> {
         let mut violations = Vec::new();
         let window = check_window(req.window, &mut violations);
@@ -71,15 +71,20 @@ impl ActivityV1 {
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
+        // Counterparties are named when the caller may read the directory.
+        let mut requested = c.authorize(&call.caller)?;
+        if call.caller.components().contains(Component::Directory) {
+            requested = requested.with(Component::Directory);
+        }
         let parts = self
             .engine
             .activity(
-                &req.user_id,
+                (call.caller.scope(), &req.user_id),
                 &window,
-                c.requested,
+                requested,
                 c.completeness,
                 c.policy,
-                deadline,
+                call.deadline,
             )
             .await?;
         Ok(Response::new(shape(req.user_id, parts)))

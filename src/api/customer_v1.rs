@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     component::Component,
-    engine::{CustomerParts, Deadline, Engine},
+    engine::{CustomerParts, Engine},
     error::Error,
     pb::{
         bfb::customer::v1::{
@@ -18,7 +18,7 @@ use crate::{
     },
 };
 
-use super::{aggregate_status, check_common, handle};
+use super::{Rpc, aggregate_status, check_common, handle};
 
 /// How many recent reviews and orders v1 returns.
 const RECENT: usize = 10;
@@ -46,7 +46,7 @@ impl CustomerAggregateService for CustomerV1 {
             "GetCustomer",
             request,
             |r: &GetCustomerResponse| r.status.as_ref(),
-            |req, deadline| self.get_customer(req, deadline),
+            |req, call| self.get_customer(req, call),
         )
         .await
     }
@@ -56,7 +56,7 @@ impl CustomerV1 {
     async fn get_customer(
         &self,
         req: GetCustomerRequest,
-        deadline: Deadline,
+        call: Rpc,
     ) -> Result<Response<GetCustomerResponse>, Status> {
         let mut violations = Vec::new();
         let c = check_common(
@@ -71,14 +71,15 @@ impl CustomerV1 {
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
+        let requested = c.authorize(&call.caller)?;
         let parts = self
             .engine
             .customer(
-                &req.customer_id,
-                c.requested,
+                (call.caller.scope(), &req.customer_id),
+                requested,
                 c.completeness,
                 c.policy,
-                deadline,
+                call.deadline,
             )
             .await?;
         Ok(Response::new(shape(req.customer_id, parts)))

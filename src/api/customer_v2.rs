@@ -10,7 +10,7 @@ use tonic_types::FieldViolation;
 
 use crate::{
     component::Component,
-    engine::{CustomerParts, Deadline, Engine},
+    engine::{CustomerParts, Engine},
     error::Error,
     pb::{
         bfb::customer::v2::{
@@ -22,7 +22,7 @@ use crate::{
     },
 };
 
-use super::{aggregate_status, check_common, handle};
+use super::{Rpc, aggregate_status, check_common, handle};
 
 /// How many recent reviews v2 returns.
 const RECENT: usize = 10;
@@ -54,7 +54,7 @@ impl CustomerAggregateService for CustomerV2 {
             "v2.GetCustomer",
             request,
             |r: &GetCustomerResponse| r.status.as_ref(),
-            |req, deadline| self.get_customer(req, deadline),
+            |req, call| self.get_customer(req, call),
         )
         .await
     }
@@ -64,7 +64,7 @@ impl CustomerV2 {
     async fn get_customer(
         &self,
         req: GetCustomerRequest,
-        deadline: Deadline,
+        call: Rpc,
     ) -> Result<Response<GetCustomerResponse>, Status> {
         let mut violations = Vec::new();
         let c = check_common(
@@ -85,14 +85,15 @@ impl CustomerV2 {
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
+        let requested = c.authorize(&call.caller)?;
         let parts = self
             .engine
             .customer(
-                &req.customer_id,
-                c.requested,
+                (call.caller.scope(), &req.customer_id),
+                requested,
                 c.completeness,
                 c.policy,
-                deadline,
+                call.deadline,
             )
             .await?;
         Ok(Response::new(shape(

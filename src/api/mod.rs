@@ -10,17 +10,18 @@ pub mod admin_v1;
 pub mod customer_v1;
 pub mod customer_v2;
 
-use std::{collections::HashMap, future::Future};
+use std::{collections::HashMap, future::Future, sync::Arc};
 
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 use tonic_types::FieldViolation;
 
 use crate::{
+    auth::Caller,
     cache::{Policy, Source},
     component::{Component, ComponentSet},
     engine::{Completeness, Deadline, Engine, OutcomeState},
-    error::Reason,
+    error::{Denied, Error, Reason},
     inbound::Arrival,
     pb::bfb::common::v1::{
         AggregateStatus, CachePolicy as PbCachePolicy, Completeness as PbCompleteness,
@@ -64,29 +65,49 @@ pub fn check_completeness(value: i32, violations: &mut Vec<FieldViolation>) -> C
     }
 }
 
-/// Runs one aggregate RPC: the caller's deadline from its arrival stamp and
-/// headers, then `handler` inside the per-RPC span, log line and metrics
-/// ([`observe`]). `status` finds the answer's aggregate status.
+/// What a handler knows about its call besides the request message.
+pub struct Rpc {
+    /// The caller's deadline.
+    pub deadline: Deadline,
+    /// Who is calling (from the auth layer).
+    pub caller: Arc<Caller>,
+}
+
+/// Runs one aggregate RPC: the caller (put there by the auth layer; none
+/// means the layer did not run, and the call is refused), its deadline from
+/// the arrival stamp and headers, then `handler` inside the per-RPC span, log
+/// line and metrics ([`observe`]). `status` finds the answer's aggregate
+/// status.
 pub async fn handle<Req, Resp, Fut>(
     engine: &Engine,
     method: &'static str,
     request: Request<Req>,
     status: fn(&Resp) -> Option<&AggregateStatus>,
-    handler: impl FnOnce(Req, Deadline) -> Fut,
+    handler: impl FnOnce(Req, Rpc) -> Fut,
 ) -> Result<Response<Resp>, Status>
 where
     Fut: Future<Output = Result<Response<Resp>, Status>>,
 {
     let (metadata, extensions, req) = request.into_parts();
+    let Some(caller) = extensions.get::<Arc<Caller>>().cloned() else {
+        tracing::error!(method, "no caller on the request: refused");
+        return Err(Error::Unauthenticated.into());
+    };
     let arrival = extensions.get::<Arrival>().map(|a| a.0);
     let deadline = engine.deadline(&metadata, arrival);
     let summary = |r: &Resp| summarize(status(r));
+    let who = (&caller.consumer.name, &caller.principal);
+    let call = Rpc {
+        deadline,
+        caller: caller.clone(),
+    };
     observe(
         engine.metrics(),
         method,
         &metadata,
+        who,
         summary,
-        handler(req, deadline),
+        handler(req, call),
     )
     .await
 }
@@ -95,6 +116,8 @@ where
 pub struct Common {
     /// Components named by the read mask (all when empty).
     pub requested: ComponentSet,
+    /// Whether the read mask was empty ("everything the caller may read").
+    pub mask_empty: bool,
     /// How complete the answer must be.
     pub completeness: Completeness,
     /// How the cache may be used.
@@ -102,13 +125,13 @@ pub struct Common {
 }
 
 /// Checks the fields every aggregate request has: the entity id (as
-/// `id_field`), the read mask against `allowed`, completeness and the cache
-/// policy. Problems go to `violations`.
+/// `id_field`), the read mask against the aggregate's components,
+/// completeness and the cache policy. Problems go to `violations`.
 pub fn check_common(
     id_field: &str,
     id: &str,
     read_mask: Option<&prost_types::FieldMask>,
-    allowed: &[Component],
+    aggregate: &[Component],
     completeness: i32,
     cache: Option<&PbCachePolicy>,
     violations: &mut Vec<FieldViolation>,
@@ -116,9 +139,29 @@ pub fn check_common(
     check_id(id_field, id, violations);
     let paths = read_mask.map_or(&[][..], |m| &m.paths[..]);
     Common {
-        requested: ComponentSet::from_read_mask(paths, allowed, "read_mask", violations),
+        requested: ComponentSet::from_read_mask(paths, aggregate, "read_mask", violations),
+        mask_empty: paths.is_empty(),
         completeness: check_completeness(completeness, violations),
         policy: check_cache_policy(cache, violations),
+    }
+}
+
+impl Common {
+    /// The components of a valid request the caller gets: with an empty read
+    /// mask, all it may read; otherwise exactly the requested ones, and
+    /// asking for one it may not read is PERMISSION_DENIED naming it.
+    pub fn authorize(&self, caller: &Caller) -> Result<ComponentSet, Error> {
+        let allowed = caller.components();
+        if self.mask_empty {
+            return Ok(self.requested.intersect(allowed));
+        }
+        match Component::ALL
+            .into_iter()
+            .find(|&c| self.requested.contains(c) && !allowed.contains(c))
+        {
+            Some(denied) => Err(Error::PermissionDenied(Denied::Component(denied))),
+            None => Ok(self.requested),
+        }
     }
 }
 

@@ -46,7 +46,10 @@ use crate::{
     downstream::CallError,
     engine::Deadline,
     error::Reason,
-    telemetry::metrics::{CacheLabels, Metrics},
+    telemetry::{
+        metrics::{CacheLabels, Metrics},
+        rpc::RequestContext,
+    },
 };
 
 use self::{shared::SharedTier, singleflight::SingleFlight};
@@ -419,8 +422,16 @@ impl Cache {
         }
         let cache = self.clone();
         let deadline = Deadline::detached(self.refresh_timeout, &self.refresh);
+        // The refresh runs for the caller that found the entry stale: its
+        // request id and identity go downstream as on any call.
+        let context = RequestContext::current();
         tokio::spawn(async move {
-            if let Ok(v) = live(deadline).await {
+            let refresh = live(deadline);
+            let fetched = match context {
+                Some(cx) => cx.scope(refresh).await,
+                None => refresh.await,
+            };
+            if let Ok(v) = fetched {
                 cache
                     .store(component, key.clone(), Bytes::from(v.encode_to_vec()))
                     .await;

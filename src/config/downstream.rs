@@ -1,7 +1,7 @@
 //! `[downstream_defaults]` and `[downstreams.NAME]`: one downstream's
 //! timeouts, bulkhead, breaker, retries and hedging.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
@@ -31,6 +31,32 @@ pub struct DownstreamSettings {
     /// Hedged requests (off by default).
     #[serde(default)]
     pub hedge: HedgeSettings,
+    /// TLS to this downstream (needs an `https://` endpoint).
+    #[serde(default)]
+    pub tls: Option<DownstreamTls>,
+    /// File holding a static service token sent as `authorization: Bearer
+    /// ...` on every call (read at start).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+/// TLS to one downstream: the CA its certificate must chain to, and bfb's
+/// own client certificate when the downstream wants mTLS.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownstreamTls {
+    /// PEM CA bundle of the downstream's certificate.
+    pub ca: PathBuf,
+    /// Name to verify the downstream's certificate against; default: the
+    /// endpoint's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// bfb's PEM client certificate chain, for mTLS.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// bfb's PEM client key, for mTLS.
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 fn default_timeout() -> Duration {

@@ -14,13 +14,17 @@ use serde::Deserialize;
 
 use crate::component::{Component, ComponentSet, names};
 
+mod auth;
 mod cache;
 mod downstream;
 mod server;
 
 pub use self::{
+    auth::{AuthMode, AuthSettings, ConsumerSettings, JwtSettings, MtlsSettings, TlsSettings},
     cache::{CacheSettings, ComponentCache, ComponentCacheSection},
-    downstream::{BreakerSettings, DownstreamSettings, HedgeSettings, RetrySettings},
+    downstream::{
+        BreakerSettings, DownstreamSettings, DownstreamTls, HedgeSettings, RetrySettings,
+    },
     server::{LogFormat, ServerSettings, TelemetrySettings},
 };
 
@@ -34,9 +38,12 @@ pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: SocketAddr,
     /// Address of the operators' admin gRPC server (`bfb.admin.v1`); unset:
-    /// none. Keep it on loopback or a private network: it is not
-    /// authenticated yet.
+    /// none. Same TLS and authentication as `listen`.
     pub admin_listen: Option<SocketAddr>,
+    /// Who callers are and what each may do.
+    pub auth: AuthSettings,
+    /// TLS on the gRPC and admin listeners; unset: plaintext.
+    pub tls: Option<TlsSettings>,
     /// How long a call may take overall.
     pub deadlines: Deadlines,
     /// Inbound protection and HTTP/2 limits.
@@ -60,6 +67,9 @@ struct RawConfig {
     listen: SocketAddr,
     #[serde(default)]
     admin_listen: Option<SocketAddr>,
+    auth: AuthSettings,
+    #[serde(default)]
+    tls: Option<TlsSettings>,
     #[serde(default)]
     deadlines: Deadlines,
     #[serde(default)]
@@ -252,6 +262,8 @@ impl Config {
         let config = Config {
             listen: raw.listen,
             admin_listen: raw.admin_listen,
+            auth: raw.auth,
+            tls: raw.tls,
             deadlines: raw.deadlines,
             server: raw.server,
             aggregates: raw.aggregates,
@@ -351,6 +363,7 @@ impl Config {
                 ),
             }
         }
+        self.check_auth(p);
         let t = &self.telemetry;
         p.fraction("telemetry.sampling_ratio", t.sampling_ratio);
         p.positive("telemetry.export_interval", t.export_interval);
@@ -448,6 +461,134 @@ impl Config {
             if h.min_samples == 0 {
                 p.add(path("hedge.min_samples"), "must be at least 1");
             }
+            if let Some(tls) = &ds.tls {
+                if !ds.endpoint.starts_with("https://") {
+                    p.add(path("endpoint"), "must be https:// when tls is set");
+                }
+                if tls.cert.is_some() != tls.key.is_some() {
+                    p.add(path("tls.key"), "cert and key must be set together");
+                }
+            } else if ds.endpoint.starts_with("https://") {
+                p.add(
+                    path("tls"),
+                    "an https:// endpoint needs a tls section with its ca",
+                );
+            }
+        }
+    }
+
+    fn check_auth(&self, p: &mut Problems) {
+        let a = &self.auth;
+        let known = crate::auth::known_methods();
+        let is_service = |name: &str| known.iter().any(|m| m.split('/').next() == Some(name));
+        for service in &a.open_services {
+            if !is_service(service) {
+                p.add("auth.open_services", format!("unknown service {service:?}"));
+            }
+        }
+        p.positive("auth.reload_interval", a.reload_interval);
+        match a.mode {
+            AuthMode::None => {}
+            AuthMode::Mtls => {
+                if self.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) {
+                    p.add("tls.client_ca", "mode \"mtls\" needs [tls] with client_ca");
+                }
+                match &a.mtls {
+                    None => p.add("auth.mtls", "mode \"mtls\" needs [auth.mtls] with trust_domain"),
+                    Some(m) if !crate::auth::valid_trust_domain(&m.trust_domain) => p.add(
+                        "auth.mtls.trust_domain",
+                        "must be a trust domain name like \"prod.example\" (lower-case letters, digits, . - _)",
+                    ),
+                    Some(_) => {}
+                }
+            }
+            AuthMode::Jwt => match &a.jwt {
+                None => p.add(
+                    "auth.jwt",
+                    "mode \"jwt\" needs [auth.jwt] with jwks_file, issuer and audience",
+                ),
+                Some(j) => {
+                    for alg in &j.algorithms {
+                        if crate::auth::jwt::algorithm(alg).is_none() {
+                            p.add(
+                                "auth.jwt.algorithms",
+                                format!(
+                                    "{alg:?} is not accepted; use asymmetric ones: RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"
+                                ),
+                            );
+                        }
+                    }
+                    if j.algorithms.is_empty() {
+                        p.add("auth.jwt.algorithms", "must name at least one algorithm");
+                    }
+                    if j.issuer.is_empty() || j.audience.is_empty() {
+                        p.add("auth.jwt", "issuer and audience must not be empty");
+                    }
+                }
+            },
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (name, c) in &a.consumers {
+            let path = |key: &str| format!("auth.consumers.{name}.{key}");
+            if !crate::auth::valid_scope(name) {
+                p.add(
+                    format!("auth.consumers.{name}"),
+                    "names may use only letters, digits and . _ : -",
+                );
+            }
+            if c.identities.is_empty() {
+                p.add(path("identities"), "must list at least one identity");
+            }
+            for id in &c.identities {
+                if let Some(other) = seen.insert(id.as_str(), name.as_str()) {
+                    p.add(
+                        path("identities"),
+                        format!("{id:?} is also listed under {other}"),
+                    );
+                }
+            }
+            for m in &c.methods {
+                let matches = match m.strip_suffix("/*") {
+                    Some(service) => is_service(service),
+                    None => known.iter().any(|k| k == m),
+                };
+                if !matches {
+                    p.add(
+                        path("methods"),
+                        format!(
+                            "{m:?} names no method; use package.Service/Method or package.Service/*"
+                        ),
+                    );
+                }
+            }
+            for comp in &c.components {
+                if Component::from_name(comp).is_none() {
+                    p.add(
+                        path("components"),
+                        format!(
+                            "unknown component {comp:?}; expected any of: {}",
+                            names(&Component::ALL)
+                        ),
+                    );
+                }
+            }
+            if let Some(scope) = &c.scope
+                && !crate::auth::valid_scope(scope)
+            {
+                p.add(path("scope"), "may use only letters, digits and . _ : -");
+            }
+            if c.rate_per_second == Some(0) || c.burst == Some(0) {
+                p.add(
+                    path("rate_per_second"),
+                    "rate_per_second and burst must be at least 1",
+                );
+            }
+            if c.burst.is_some() && c.rate_per_second.is_none() {
+                p.add(path("burst"), "needs rate_per_second");
+            }
+            if c.max_concurrent_rpcs == Some(0) {
+                p.add(path("max_concurrent_rpcs"), "must be at least 1");
+            }
         }
     }
 
@@ -522,6 +663,8 @@ mod tests {
     fn every_problem_is_reported_with_its_path() {
         let text = r#"
             listen = "127.0.0.1:0"
+            [auth]
+            mode = "none"
             [deadlines]
             default = "1s"
             max = "500ms"

@@ -9,6 +9,9 @@ use serde::Deserialize;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSettings {
+    /// A plaintext listener serving only `grpc.health.v1.Health`, for
+    /// Kubernetes gRPC probes (which cannot speak TLS) when `[tls]` is set.
+    pub health_listen: Option<SocketAddr>,
     /// RPCs bfb handles at once, over all connections. Beyond it calls are
     /// rejected at once with RESOURCE_EXHAUSTED and RetryInfo (health checks
     /// are exempt).
@@ -55,6 +58,7 @@ pub struct ServerSettings {
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
+            health_listen: None,
             max_concurrent_rpcs: 1000,
             shed_retry_after: Duration::from_millis(100),
             max_concurrent_streams: 256,

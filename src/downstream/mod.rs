@@ -10,12 +10,15 @@ pub mod stack;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 use tower::{ServiceExt, util::BoxCloneSyncService};
 
 use crate::{
     component::Component,
-    config::{Config, DownstreamSettings},
+    config::{Config, DownstreamSettings, DownstreamTls},
     engine::Deadline,
     error::Reason,
     pb::downstream::{
@@ -119,6 +122,14 @@ pub enum EndpointError {
         /// What tonic said.
         source: tonic::transport::Error,
     },
+    /// Its TLS files or token file cannot be used.
+    #[error("downstream {component}: {message}")]
+    Credentials {
+        /// The downstream.
+        component: Component,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// Builds each downstream's typed client over a shared channel and wraps it
@@ -135,7 +146,11 @@ macro_rules! downstream {
             $client::new(channel)
                 .max_decoding_message_size($config.server.max_downstream_response_bytes),
         );
-        let rpc = tower::service_fn(move |request| {
+        let token = service_token($component, settings)?;
+        let rpc = tower::service_fn(move |mut request: tonic::Request<_>| {
+            if let Some(t) = &token {
+                request.metadata_mut().insert("authorization", t.clone());
+            }
             let mut client = $client::clone(&client);
             async move { client.$method(request).await }
         });
@@ -230,9 +245,53 @@ impl Downstreams {
     }
 }
 
-/// Lazily connected channels, one per distinct endpoint and connect timeout.
+/// The `authorization` value of a downstream's static service token, read
+/// from its `token_file` once at start.
+fn service_token(
+    component: Component,
+    s: &DownstreamSettings,
+) -> Result<Option<MetadataValue<Ascii>>, EndpointError> {
+    let Some(path) = &s.token_file else {
+        return Ok(None);
+    };
+    let fail = |message: String| EndpointError::Credentials { component, message };
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| fail(format!("cannot read token_file {}: {e}", path.display())))?;
+    MetadataValue::try_from(format!("Bearer {}", token.trim()))
+        .map(Some)
+        .map_err(|_| fail("token_file holds characters not allowed in a header".into()))
+}
+
+/// The tonic TLS config of a downstream's `tls` section (files read now).
+fn client_tls(
+    component: Component,
+    endpoint: &str,
+    tls: &DownstreamTls,
+) -> Result<ClientTlsConfig, EndpointError> {
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| EndpointError::Credentials {
+            component,
+            message: format!("cannot read {}: {e}", path.display()),
+        })
+    };
+    let host = endpoint
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|u| u.host().map(str::to_string))
+        .unwrap_or_default();
+    let mut config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
+        .domain_name(tls.server_name.clone().unwrap_or(host));
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(config)
+}
+
+/// Lazily connected channels, one per distinct endpoint, connect timeout
+/// and TLS settings.
 #[derive(Default)]
-struct Channels(HashMap<(String, Duration), Channel>);
+struct Channels(HashMap<(String, Duration, Option<DownstreamTls>), Channel>);
 
 impl Channels {
     fn get(
@@ -240,12 +299,18 @@ impl Channels {
         component: Component,
         s: &DownstreamSettings,
     ) -> Result<Channel, EndpointError> {
-        let key = (s.endpoint.clone(), s.connect_timeout);
+        let key = (s.endpoint.clone(), s.connect_timeout, s.tls.clone());
         if let Some(ch) = self.0.get(&key) {
             return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(s.endpoint.clone())
-            .map_err(|source| EndpointError::Invalid { component, source })?
+        let mut endpoint = Endpoint::from_shared(s.endpoint.clone())
+            .map_err(|source| EndpointError::Invalid { component, source })?;
+        if let Some(tls) = &s.tls {
+            endpoint = endpoint
+                .tls_config(client_tls(component, &s.endpoint, tls)?)
+                .map_err(|source| EndpointError::Invalid { component, source })?;
+        }
+        let ch = endpoint
             .connect_timeout(s.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))

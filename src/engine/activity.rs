@@ -48,18 +48,14 @@ impl Engine {
     /// every counterparty with one directory call.
     pub async fn activity(
         &self,
-        id: &str,
+        (scope, id): (&str, &str),
         window: &Window,
         requested: ComponentSet,
         completeness: Completeness,
         policy: Policy,
         deadline: Deadline,
     ) -> Result<ActivityParts, Error> {
-        let needed = needed(
-            requested.with(Component::Directory),
-            self.activity_required,
-            completeness,
-        );
+        let needed = needed(requested, self.activity_required, completeness);
         let ds = &self.downstreams;
         let entity = ("user", id);
         let span = Some((
@@ -77,7 +73,7 @@ impl Engine {
             let (resp, source) = self
                 .cached(
                     Component::Calls,
-                    id,
+                    (scope, id),
                     span,
                     policy,
                     needed,
@@ -97,7 +93,7 @@ impl Engine {
             let (resp, source) = self
                 .cached(
                     Component::Emails,
-                    id,
+                    (scope, id),
                     span,
                     policy,
                     needed,
@@ -117,7 +113,7 @@ impl Engine {
             let (resp, source) = self
                 .cached(
                     Component::Sms,
-                    id,
+                    (scope, id),
                     span,
                     policy,
                     needed,
@@ -131,7 +127,9 @@ impl Engine {
         let (calls, emails, sms) = tokio::try_join!(calls, emails, sms)?;
 
         let ids = counterparties(&calls, &emails, &sms);
-        let lookup = if ids.is_empty() {
+        // Names are looked up only for callers that asked for (may read) the
+        // directory, and only when there is someone to name.
+        let lookup = if ids.is_empty() || !requested.contains(Component::Directory) {
             ComponentSet::EMPTY
         } else {
             ComponentSet::EMPTY.with(Component::Directory)

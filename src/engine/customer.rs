@@ -30,10 +30,11 @@ pub struct CustomerParts {
 }
 
 impl Engine {
-    /// Fetches the requested components of customer `id` concurrently.
+    /// Fetches the requested components of customer `id` concurrently, for
+    /// a caller whose cache scope is `scope`.
     pub async fn customer(
         &self,
-        id: &str,
+        (scope, id): (&str, &str),
         requested: ComponentSet,
         completeness: Completeness,
         policy: Policy,
@@ -51,7 +52,7 @@ impl Engine {
             let (resp, source) = self
                 .cached(
                     Component::Profile,
-                    id,
+                    (scope, id),
                     None,
                     policy,
                     needed,
@@ -70,7 +71,7 @@ impl Engine {
             let (resp, source) = self
                 .cached(
                     Component::Favorites,
-                    id,
+                    (scope, id),
                     None,
                     policy,
                     needed,
@@ -88,7 +89,7 @@ impl Engine {
             let (resp, source) = self
                 .cached(
                     Component::Reviews,
-                    id,
+                    (scope, id),
                     None,
                     policy,
                     needed,
@@ -106,7 +107,7 @@ impl Engine {
             let (resp, source) = self
                 .cached(
                     Component::Orders,
-                    id,
+                    (scope, id),
                     None,
                     policy,
                     needed,

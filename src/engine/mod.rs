@@ -121,12 +121,12 @@ impl Engine {
     }
 
     /// One component's downstream answer, through the cache when the
-    /// component is cached.
+    /// component is cached. `key` is (the caller's scope, the entity id).
     #[allow(clippy::too_many_arguments)]
     async fn cached<M, T>(
         &self,
         component: Component,
-        id: &str,
+        key: (&str, &str),
         window: Option<(Option<i64>, Option<i64>)>,
         policy: Policy,
         needed: ComponentSet,
@@ -149,9 +149,10 @@ impl Engine {
             let (ds, m) = (ds.clone(), message.clone());
             async move { ds.call(d, m).await }
         };
+        let (scope, id) = key;
         let key = Key {
             component,
-            scope: "",
+            scope,
             id,
             window,
         };

@@ -88,6 +88,22 @@ pub struct SharedLabels {
     pub result: &'static str,
 }
 
+/// Labels of rejected calls.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why, e.g. `jwt_expired`, `no_client_certificate`, `method_not_allowed`.
+    pub reason: &'static str,
+}
+
+/// Labels of per-consumer limits.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    /// The consumer's configured name.
+    pub consumer: String,
+    /// `rate` or `concurrency`.
+    pub limit: &'static str,
+}
+
 /// Histogram buckets from 100 µs to ~26 s.
 #[derive(Clone, Copy)]
 pub struct LatencyBuckets;
@@ -139,6 +155,10 @@ pub struct Metrics {
     pub cache_requests: Family<CacheLabels, Counter>,
     /// Shared (Redis) tier calls by result.
     pub cache_shared: Family<SharedLabels, Counter>,
+    /// Calls refused by authentication or authorization, by reason.
+    pub auth_rejected: Family<ReasonLabels, Counter>,
+    /// Calls refused by a consumer's rate or concurrency limit.
+    pub consumer_limited: Family<ConsumerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -166,6 +186,8 @@ impl Metrics {
             fanout: Family::new_with_constructor(FanoutBuckets),
             cache_requests: Family::default(),
             cache_shared: Family::default(),
+            auth_rejected: Family::default(),
+            consumer_limited: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -234,6 +256,16 @@ impl Metrics {
             "bfb_cache_shared",
             "Shared (Redis) cache tier calls by result",
             m.cache_shared.clone(),
+        );
+        r.register(
+            "bfb_auth_rejected",
+            "Calls refused by authentication or authorization, by reason",
+            m.auth_rejected.clone(),
+        );
+        r.register(
+            "bfb_consumer_limited",
+            "Calls refused by a consumer's rate or concurrency limit",
+            m.consumer_limited.clone(),
         );
         Metrics { registry, ..m }
     }

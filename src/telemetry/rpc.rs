@@ -3,7 +3,7 @@
 //! and passed downstream), one info log line, and the RPC metrics. And the
 //! carriers that move trace context and request id through gRPC metadata.
 
-use std::{future::Future, time::Instant};
+use std::{future::Future, sync::Arc, time::Instant};
 
 use opentelemetry::propagation::{Extractor, Injector};
 use tonic::{
@@ -20,15 +20,40 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// Longest accepted inbound request id; longer or non-printable ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
 
-tokio::task_local! {
-    /// The request id of the RPC this task serves (downstream calls run in
-    /// the handler's task, so they read it here).
-    static CURRENT_REQUEST_ID: String;
+/// Metadata key of the consumer (its configured name) on downstream calls.
+pub const CONSUMER: &str = "x-bfb-consumer";
+/// Metadata key of the authenticated identity (SPIFFE ID or token subject)
+/// on downstream calls.
+pub const PRINCIPAL: &str = "x-bfb-principal";
+
+/// What downstream calls made for an RPC carry: its request id and who asked.
+#[derive(Clone, Debug)]
+pub struct RequestContext {
+    /// The request id.
+    pub request_id: Arc<str>,
+    /// The consumer's name.
+    pub consumer: Arc<str>,
+    /// The authenticated identity.
+    pub principal: Arc<str>,
 }
 
-/// The request id of the current RPC, if any.
-pub fn current_request_id() -> Option<String> {
-    CURRENT_REQUEST_ID.try_with(Clone::clone).ok()
+tokio::task_local! {
+    /// The context of the RPC this task serves (downstream calls run in the
+    /// handler's task, so they read it here).
+    static CURRENT: RequestContext;
+}
+
+impl RequestContext {
+    /// The context of the RPC the current task serves, if any.
+    pub fn current() -> Option<RequestContext> {
+        CURRENT.try_with(Clone::clone).ok()
+    }
+
+    /// Runs `f` in this context (for work spawned on behalf of an RPC, such
+    /// as a cache refresh).
+    pub async fn scope<F: Future>(self, f: F) -> F::Output {
+        CURRENT.scope(self, f).await
+    }
 }
 
 /// Reads W3C trace context from gRPC metadata.
@@ -67,11 +92,18 @@ pub fn propagate(span: &tracing::Span, metadata: &mut MetadataMap) {
     opentelemetry::global::get_text_map_propagator(|p| {
         p.inject_context(&cx, &mut MetadataInjector(metadata));
     });
-    if let Some(id) = current_request_id()
-        && let Ok(v) = MetadataValue::try_from(id.as_str())
-    {
-        metadata.insert(REQUEST_ID, v);
-    }
+    let _ = CURRENT.try_with(|cx| {
+        for (key, value) in [
+            (REQUEST_ID, &cx.request_id),
+            (CONSUMER, &cx.consumer),
+            (PRINCIPAL, &cx.principal),
+        ] {
+            // An identity that is not a valid header value is left out.
+            if let Ok(v) = MetadataValue::try_from(&**value) {
+                metadata.insert(key, v);
+            }
+        }
+    });
 }
 
 fn request_id(metadata: &MetadataMap) -> String {
@@ -125,11 +157,13 @@ pub struct Summary {
     pub degraded: Vec<(&'static str, &'static str)>,
 }
 
-/// Runs one RPC handler `f` with its span, request id, log line and metrics.
+/// Runs one RPC handler `f` with its span, request id, log line and
+/// metrics, on behalf of `consumer` authenticated as `principal`.
 pub async fn observe<T, F>(
     metrics: &Metrics,
     method: &'static str,
     metadata: &MetadataMap,
+    (consumer, principal): (&Arc<str>, &Arc<str>),
     summarize: impl FnOnce(&T) -> Summary,
     f: F,
 ) -> Result<Response<T>, Status>
@@ -145,6 +179,7 @@ where
         rpc.system = "grpc",
         rpc.method = method,
         request_id = %request_id,
+        consumer = %consumer,
         rpc.grpc.status_code = field::Empty,
         degraded = field::Empty,
     );
@@ -153,10 +188,12 @@ where
     // Only fails when no OpenTelemetry layer is installed; then there is no trace to join.
     let _ = span.set_parent(parent);
 
-    let result = CURRENT_REQUEST_ID
-        .scope(request_id.clone(), f)
-        .instrument(span.clone())
-        .await;
+    let context = RequestContext {
+        request_id: request_id.as_str().into(),
+        consumer: consumer.clone(),
+        principal: principal.clone(),
+    };
+    let result = CURRENT.scope(context, f).instrument(span.clone()).await;
 
     let (code, summary) = match &result {
         Ok(r) => (Code::Ok, Some(summarize(r.get_ref()))),
@@ -201,6 +238,7 @@ where
         duration_ms = elapsed.as_secs_f64() * 1e3,
         degraded = degraded_list.as_str(),
         request_id = request_id.as_str(),
+        consumer = &**consumer,
         "rpc"
     );
     match result {

@@ -59,6 +59,7 @@ pub async fn start(sim_config: SimConfig, tweak: impl FnOnce(&mut Config)) -> Ha
         grpc,
         metrics: Some(metrics_listener),
         admin: Some(admin_listener),
+        health: None,
     };
     tokio::spawn(async move { bfb::server::serve(&config, listeners, stopped(rx)).await });
     Harness {
@@ -98,6 +99,7 @@ pub async fn start_bfb(sim: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Bfb 
         grpc,
         metrics: Some(m),
         admin: Some(a),
+        health: None,
     };
     tokio::spawn(async move { bfb::server::serve(&config, listeners, stopped(rx)).await });
     Bfb {

@@ -1,0 +1,133 @@
+//! `[auth]` and `[tls]`: who a caller is, what each consumer may do, and
+//! the server's TLS files.
+
+use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+/// How callers are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No authentication: every caller may call everything. For local
+    /// development and the demo only; bfb logs a warning at start.
+    None,
+    /// A client certificate's SPIFFE ID (needs `[tls]` with `client_ca`).
+    Mtls,
+    /// A JWT bearer token's `sub` (keys from a JWKS file).
+    Jwt,
+}
+
+/// `[auth]`. Required in every config, so running without authentication
+/// is always a written decision (`mode = "none"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// How callers are authenticated.
+    pub mode: AuthMode,
+    /// Services callable without credentials (Kubernetes probes and
+    /// `grpcurl list` cannot present any).
+    #[serde(default = "default_open_services")]
+    pub open_services: Vec<String>,
+    /// How often certificate, key, CA and JWKS files are checked for changes.
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// mTLS settings (`mode = "mtls"`).
+    #[serde(default)]
+    pub mtls: Option<MtlsSettings>,
+    /// JWT settings (`mode = "jwt"`).
+    #[serde(default)]
+    pub jwt: Option<JwtSettings>,
+    /// Every consumer allowed in, by name. Default deny: an authenticated
+    /// identity listed under no consumer gets PERMISSION_DENIED.
+    #[serde(default)]
+    pub consumers: BTreeMap<String, ConsumerSettings>,
+}
+
+fn default_open_services() -> Vec<String> {
+    vec![
+        "grpc.health.v1.Health".into(),
+        "grpc.reflection.v1.ServerReflection".into(),
+        "grpc.reflection.v1alpha.ServerReflection".into(),
+    ]
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `[auth.mtls]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsSettings {
+    /// The SPIFFE trust domain client identities must be in, e.g. `prod.example`.
+    pub trust_domain: String,
+}
+
+/// `[auth.jwt]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSettings {
+    /// The JWKS file with the issuer's public keys (re-read when it changes).
+    pub jwks_file: PathBuf,
+    /// Required `iss`.
+    pub issuer: String,
+    /// bfb's audience: `aud` must contain it.
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(default = "default_leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Accepted signature algorithms. Only asymmetric ones can be
+    /// configured: with a shared (HMAC) secret, every service that can check
+    /// a token could also mint one.
+    #[serde(default = "default_algorithms")]
+    pub algorithms: Vec<String>,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_algorithms() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into(), "EdDSA".into()]
+}
+
+/// One consumer: who it is, what it may call and read, and its limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerSettings {
+    /// Identities that are this consumer: SPIFFE IDs (mTLS) or token
+    /// subjects (JWT).
+    pub identities: Vec<String>,
+    /// Methods it may call: `package.Service/Method` or `package.Service/*`.
+    pub methods: Vec<String>,
+    /// Components it may read; an empty read mask means all of these.
+    pub components: Vec<String>,
+    /// Its visibility scope, part of every cache key: consumers with the same
+    /// scope share cached data. Default: the consumer's name.
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Sustained requests per second (token bucket); unset: no limit.
+    #[serde(default)]
+    pub rate_per_second: Option<u32>,
+    /// Bucket size: requests allowed in a burst. Default: `rate_per_second`.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// RPCs it may have in flight at once; unset: only the global cap.
+    #[serde(default)]
+    pub max_concurrent_rpcs: Option<usize>,
+}
+
+/// `[tls]`: TLS on the gRPC and admin listeners. Files are re-read when they
+/// change (`auth.reload_interval`), as Kubernetes rotates mounted secrets.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain of the server.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA bundle client certificates must chain to; needed for mTLS.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
