@@ -231,6 +231,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
                     error_code: tonic::Code::from_i32(args.error_code),
                     retry_pushback_ms: None,
                 },
+                tls: None,
             };
             let listener = TcpListener::bind(args.listen).await?;
             // Tests start the sim on port 0 and read the address from here.

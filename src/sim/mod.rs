@@ -15,7 +15,7 @@ pub mod state;
 use std::{future::Future, sync::Arc};
 
 use tokio::net::TcpListener;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::{
     component::Component,
@@ -51,6 +51,20 @@ pub struct SimConfig {
     pub data: Dataset,
     /// Every service's behaviour at start.
     pub behavior: Behavior,
+    /// Serve over TLS (tests of bfb's downstream TLS); none: plaintext.
+    pub tls: Option<SimTls>,
+}
+
+/// TLS of a sim: its certificate, and the CA client certificates must chain
+/// to (mTLS) if set. PEM text.
+#[derive(Clone, Debug)]
+pub struct SimTls {
+    /// Certificate chain.
+    pub cert: String,
+    /// Private key.
+    pub key: String,
+    /// Client CA; set: clients must present a certificate.
+    pub client_ca: Option<String>,
 }
 
 impl Default for SimConfig {
@@ -62,6 +76,7 @@ impl Default for SimConfig {
                 users: 10_000,
             },
             behavior: Behavior::default(),
+            tls: None,
         }
     }
 }
@@ -90,7 +105,15 @@ pub async fn serve(
     let mut served: Vec<&'static str> = config.services.iter().map(|&c| service_name(c)).collect();
     served.push(<SimControlServer<Control> as tonic::server::NamedService>::NAME);
     let (reflection_v1, reflection_v1alpha) = reflection(&served)?;
-    Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let mut t = ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert, &tls.key));
+        if let Some(ca) = &tls.client_ca {
+            t = t.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(t)?;
+    }
+    builder
         .tcp_nodelay(true)
         .add_service(health_service)
         .add_service(reflection_v1)
