@@ -6,7 +6,8 @@
 //! A request flows top to bottom through these modules:
 //!
 //! - [`server`]: the tonic server: public API versions, health, reflection on
-//!   one listener, HTTP/2 limits; `serve(config, listener, shutdown)`.
+//!   one listener (plaintext or TLS), the admin and health-only listeners,
+//!   HTTP/2 limits; `serve(config, listeners, shutdown)`.
 //! - [`api`]: one thin adapter per contract version (`customer_v1`,
 //!   `customer_v2`, `activity_v1`, and `admin_v1` for operators): validate the
 //!   request, call the engine, shape the answer.
@@ -24,6 +25,10 @@
 //!   budget as `grpc-timeout`, status classification).
 //! - [`inbound`]: protection in front of every bfb service: global load
 //!   shedding, a hard timeout answered as DEADLINE_EXCEEDED, oversized requests.
+//! - [`auth`]: who is calling and what it may do: mTLS with SPIFFE IDs
+//!   (`auth::tls`, bfb's own TLS termination with reloaded files), JWT bearer
+//!   tokens (`auth::jwt`), default-deny consumers with their methods,
+//!   components, cache scope and rate/concurrency limits (`auth::consumers`).
 //! - [`telemetry`]: logs, OTLP traces with W3C propagation, Prometheus
 //!   metrics and their endpoint, and the span/log/metrics around every RPC.
 //! - [`error`]: the request error type and its single mapping to

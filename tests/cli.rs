@@ -135,6 +135,7 @@ async fn demo_serves_bfb_and_the_sim_and_prints_working_commands() {
             "1ms",
         ])
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn demo");
@@ -178,5 +179,17 @@ async fn demo_serves_bfb_and_the_sim_and_prints_working_commands() {
         .expect("the demo answers")
         .into_inner();
     assert!(resp.customer.expect("customer").profile.is_some());
+    // The demo runs without authentication, and says so.
+    let mut log = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let warned = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Ok(Some(line)) = log.next_line().await {
+            if line.contains("WARN") && line.contains("authentication is off") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(warned, Ok(true), "a warning about auth.mode = none");
     child.kill().await.expect("kill");
 }
