@@ -4,7 +4,9 @@ TOOLS := $(CURDIR)/.tools
 # Test tools installed by scripts/install-test-tools.sh come first on PATH.
 export PATH := $(TOOLS)/venv/bin:$(PATH)
 
-.PHONY: run test test-tools bench lint fmt release
+BUF := $(TOOLS)/buf/node_modules/.bin/buf
+
+.PHONY: run test test-tools bench lint lint-tools fmt release contracts-baseline
 
 ## Run the demo: simulated downstream services and bfb in one process.
 run:
@@ -27,10 +29,21 @@ bench:
 release:
 	cargo build --release --locked --bin bfb
 
-## Formatting and clippy, warnings as errors.
-lint:
+## Formatting, clippy (warnings as errors), and the contracts: buf lint, and
+## buf breaking against the released contracts (buf/released.binpb).
+lint: lint-tools
 	cargo fmt --all -- --check
 	cargo clippy --locked --all-targets -- -D warnings
+	$(BUF) lint
+	$(BUF) breaking --against buf/released.binpb
+
+lint-tools:
+	./scripts/install-lint-tools.sh
+
+## When releasing contract versions: record them as the new baseline that
+## `make lint` checks changes against (see docs/versioning.md).
+contracts-baseline: lint-tools
+	$(BUF) build -o buf/released.binpb
 
 fmt:
 	cargo fmt --all
