@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fs::write(out.join("bfb_descriptor.bin"), fds.encode_to_vec())?;
 
     tonic_prost_build::configure()
+        // google.rpc.Status is tonic-types' type, so per-item errors carry
+        // the same details as a call's status.
+        .extern_path(".google.rpc", "::tonic_types::pb")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -13,11 +13,15 @@ use bfb::{
     engine::Engine,
     pb::bfb::{
         activity::v1::{
-            GetUserActivityRequest, TimeWindow, user_activity_service_server::UserActivityService,
+            GetUserActivityRequest, StreamUserActivityRequest, TimeWindow,
+            user_activity_service_server::UserActivityService,
         },
         common::v1::CachePolicy,
         customer::{
-            v1::{GetCustomerRequest, customer_aggregate_service_server::CustomerAggregateService},
+            v1::{
+                BatchGetCustomersRequest, GetCustomerRequest,
+                customer_aggregate_service_server::CustomerAggregateService,
+            },
             v2::{
                 self, PageRequest,
                 customer_aggregate_service_server::CustomerAggregateService as CustomerV2Service,
@@ -27,6 +31,7 @@ use bfb::{
     sim::{self, SimConfig},
     telemetry::metrics::Metrics,
 };
+use futures::StreamExt;
 use proptest::prelude::*;
 use prost::Message;
 use tonic::{Code, Request, Status};
@@ -59,9 +64,11 @@ fn target() -> &'static Target {
                 listener,
                 std::future::pending(),
             ));
-            let config = Config::example()
+            let mut config = Config::example()
                 .expect("config")
                 .with_all_endpoints(&format!("http://{addr}"));
+            // Decoded garbage may ask for a stream of many users: keep cases fast.
+            config.batch.stream_max_users = 20;
             let engine = Arc::new(Engine::new(&config, &Arc::new(Metrics::new())).expect("engine"));
             (
                 CustomerV1::new(engine.clone()),
@@ -190,6 +197,20 @@ proptest! {
             }
             if let Ok(m) = GetUserActivityRequest::decode(&bytes[..]) {
                 check(t.activity.get_user_activity(request(m, caller)).await.map(drop))?;
+            }
+            if let Ok(m) = BatchGetCustomersRequest::decode(&bytes[..]) {
+                check(t.v1.batch_get_customers(request(m, caller)).await.map(drop))?;
+            }
+            if let Ok(m) = StreamUserActivityRequest::decode(&bytes[..]) {
+                match t.activity.stream_user_activity(request(m, caller)).await {
+                    Ok(stream) => {
+                        let items: Vec<_> = stream.into_inner().collect().await;
+                        for item in items {
+                            check(item.map(drop))?;
+                        }
+                    }
+                    Err(status) => check(Err(status))?,
+                }
             }
             Ok::<(), TestCaseError>(())
         })?;

@@ -2,25 +2,31 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use futures::{StreamExt, stream::BoxStream};
 use prost_types::Duration as PbDuration;
 use tonic::{Request, Response, Status};
 use tonic_types::FieldViolation;
 
 use crate::{
     component::Component,
-    engine::{ActivityParts, Engine, activity::Window},
+    engine::{ActivityParts, Ask, Engine, activity::Window},
     error::Error,
     pb::{
         bfb::activity::v1::{
             ActivitySummary, Call, Calls, Channel, Counterparty, Direction, Email, Emails,
-            GetUserActivityRequest, GetUserActivityResponse, Sms, SmsMessages, TimeWindow,
-            TimelineEntry, UserActivity, user_activity_service_server::UserActivityService,
+            GetUserActivityRequest, GetUserActivityResponse, Sms, SmsMessages,
+            StreamUserActivityRequest, StreamUserActivityResponse, TimeWindow, TimelineEntry,
+            UserActivity, stream_user_activity_request,
+            user_activity_service_server::UserActivityService,
         },
         downstream,
     },
 };
 
-use super::{Rpc, aggregate_status, check_common, check_timestamp, handle, newest_first};
+use super::{
+    Rpc, aggregate_status, check_common, check_options, check_timestamp, handle, newest_first,
+    rpc_status,
+};
 
 /// The v1 user-activity service.
 pub struct ActivityV1 {
@@ -48,6 +54,185 @@ impl UserActivityService for ActivityV1 {
             |req, call| self.get_user_activity(req, call),
         )
         .await
+    }
+
+    type StreamUserActivityStream = BoxStream<'static, Result<StreamUserActivityResponse, Status>>;
+
+    async fn stream_user_activity(
+        &self,
+        request: Request<StreamUserActivityRequest>,
+    ) -> Result<Response<Self::StreamUserActivityStream>, Status> {
+        handle(
+            &self.engine,
+            "StreamUserActivity",
+            request,
+            |_| None,
+            |req, call| std::future::ready(self.stream_user_activity(req, call)),
+        )
+        .await
+    }
+}
+
+/// The users of a stream: explicit ids, or a numbered range made on the fly
+/// (a range of 100,000 users is never held as strings at once).
+enum Users {
+    Ids(Vec<String>),
+    Range {
+        prefix: String,
+        first: u64,
+        count: u32,
+    },
+}
+
+impl Users {
+    fn check(users: Option<Users>, max: u32, v: &mut Vec<FieldViolation>) -> Users {
+        let Some(users) = users else {
+            v.push(FieldViolation::new("users", "set user_ids or user_range"));
+            return Users::Ids(Vec::new());
+        };
+        match &users {
+            Users::Ids(ids) => {
+                super::check_ids("user_ids.ids", ids, max as usize, v);
+            }
+            Users::Range {
+                prefix,
+                first,
+                count,
+            } => {
+                if *count == 0 || *count > max {
+                    v.push(FieldViolation::new(
+                        "user_range.count",
+                        format!("must be between 1 and {max}"),
+                    ));
+                }
+                // The longest id of the range must be a valid id.
+                let last = first.saturating_add(u64::from(*count).saturating_sub(1));
+                super::check_id("user_range.prefix", &format!("{prefix}{last}"), v);
+            }
+        }
+        users
+    }
+
+    fn into_iter(self) -> Box<dyn Iterator<Item = String> + Send> {
+        match self {
+            Users::Ids(ids) => Box::new(ids.into_iter()),
+            Users::Range {
+                prefix,
+                first,
+                count,
+            } => Box::new(
+                (first..first.saturating_add(u64::from(count)))
+                    .map(move |n| format!("{prefix}{n}")),
+            ),
+        }
+    }
+}
+
+impl ActivityV1 {
+    fn stream_user_activity(
+        &self,
+        req: StreamUserActivityRequest,
+        call: Rpc,
+    ) -> Result<Response<BoxStream<'static, Result<StreamUserActivityResponse, Status>>>, Status>
+    {
+        let batching = self.engine.batching();
+        let mut violations = Vec::new();
+        let users = req.users.map(|u| match u {
+            stream_user_activity_request::Users::UserIds(ids) => Users::Ids(ids.ids),
+            stream_user_activity_request::Users::UserRange(r) => Users::Range {
+                prefix: r.prefix,
+                first: r.first,
+                count: r.count,
+            },
+        });
+        let users = Users::check(users, batching.stream_max_users, &mut violations);
+        let window = check_window(req.window, &mut violations);
+        let c = check_options(
+            req.read_mask.as_ref(),
+            &Component::ACTIVITY,
+            req.completeness,
+            req.cache.as_ref(),
+            &mut violations,
+        );
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations).into());
+        }
+        let mut requested = c.authorize(&call.caller)?;
+        if call.caller.components().contains(Component::Directory) {
+            requested = requested.with(Component::Directory);
+        }
+        let engine = self.engine.clone();
+        let deadline = call.deadline;
+        let loaders = engine.loaders(deadline);
+        let caller = call.caller;
+        let in_flight = batching.stream_in_flight;
+        // Users are fetched in chunks of `in_flight`, each chunk's lookups
+        // batched together, with the next chunk fetched while this one is
+        // being sent: at most two chunks are held, and the next is started
+        // only when the caller has taken this one (tonic takes a message only
+        // when HTTP/2 flow control lets it send). Chunks, not a sliding
+        // window: refilling one user at a time would send tiny batches.
+        let fetch_one = move |user_id: String| {
+            let (engine, loaders, caller, window) = (
+                engine.clone(),
+                loaders.clone(),
+                caller.clone(),
+                window.clone(),
+            );
+            async move {
+                let answer = engine
+                    .activity(
+                        (caller.scope(), &user_id),
+                        &window,
+                        Ask {
+                            requested,
+                            completeness: c.completeness,
+                            policy: c.policy,
+                        },
+                        deadline,
+                        Some(&loaders),
+                    )
+                    .await;
+                match answer {
+                    Ok(parts) => {
+                        let r = shape(user_id.clone(), parts);
+                        StreamUserActivityResponse {
+                            user_id,
+                            activity: r.activity,
+                            status: r.status,
+                            error: None,
+                        }
+                    }
+                    Err(e) => StreamUserActivityResponse {
+                        user_id,
+                        error: Some(rpc_status(e)),
+                        ..Default::default()
+                    },
+                }
+            }
+        };
+        let items = futures::stream::iter(users.into_iter())
+            .chunks(in_flight)
+            .map(move |chunk| futures::future::join_all(chunk.into_iter().map(&fetch_one)))
+            .buffered(2)
+            .flat_map(futures::stream::iter);
+        // The caller's deadline covers the whole stream: once it has passed,
+        // the stream ends with DEADLINE_EXCEEDED.
+        let stream = items
+            .map(Some)
+            .chain(futures::stream::once(async { None }))
+            .scan(false, move |ended, item| {
+                let out = if *ended {
+                    None
+                } else if tokio::time::Instant::now() >= deadline.at() {
+                    *ended = true;
+                    Some(Err(Status::from(Error::DeadlineExceeded)))
+                } else {
+                    item.map(Ok)
+                };
+                std::future::ready(out)
+            });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -81,10 +266,13 @@ impl ActivityV1 {
             .activity(
                 (call.caller.scope(), &req.user_id),
                 &window,
-                requested,
-                c.completeness,
-                c.policy,
+                Ask {
+                    requested,
+                    completeness: c.completeness,
+                    policy: c.policy,
+                },
                 call.deadline,
+                None,
             )
             .await?;
         Ok(Response::new(shape(req.user_id, parts)))

@@ -6,19 +6,20 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     component::Component,
-    engine::{CustomerParts, Engine},
+    engine::{Ask, CustomerParts, Engine},
     error::Error,
     pb::{
         bfb::customer::v1::{
-            Customer, Favorite, Favorites, GetCustomerRequest, GetCustomerResponse, Order,
-            OrderTotals, Orders, Profile, Review, ReviewSummary, Reviews,
+            BatchGetCustomersRequest, BatchGetCustomersResponse, Customer, CustomerResult,
+            Favorite, Favorites, GetCustomerRequest, GetCustomerResponse, Order, OrderTotals,
+            Orders, Profile, Review, ReviewSummary, Reviews,
             customer_aggregate_service_server::CustomerAggregateService,
         },
         downstream::{self, orders::v1::OrderStatus},
     },
 };
 
-use super::{Rpc, aggregate_status, check_common, handle};
+use super::{Rpc, aggregate_status, check_common, check_ids, check_options, handle, rpc_status};
 
 /// How many recent reviews and orders v1 returns.
 const RECENT: usize = 10;
@@ -50,6 +51,20 @@ impl CustomerAggregateService for CustomerV1 {
         )
         .await
     }
+
+    async fn batch_get_customers(
+        &self,
+        request: Request<BatchGetCustomersRequest>,
+    ) -> Result<Response<BatchGetCustomersResponse>, Status> {
+        handle(
+            &self.engine,
+            "BatchGetCustomers",
+            request,
+            |_| None,
+            |req, call| self.batch_get_customers(req, call),
+        )
+        .await
+    }
 }
 
 impl CustomerV1 {
@@ -76,13 +91,77 @@ impl CustomerV1 {
             .engine
             .customer(
                 (call.caller.scope(), &req.customer_id),
-                requested,
-                c.completeness,
-                c.policy,
+                Ask {
+                    requested,
+                    completeness: c.completeness,
+                    policy: c.policy,
+                },
                 call.deadline,
+                None,
             )
             .await?;
         Ok(Response::new(shape(req.customer_id, parts)))
+    }
+}
+
+impl CustomerV1 {
+    async fn batch_get_customers(
+        &self,
+        req: BatchGetCustomersRequest,
+        call: Rpc,
+    ) -> Result<Response<BatchGetCustomersResponse>, Status> {
+        let mut violations = Vec::new();
+        check_ids(
+            "customer_ids",
+            &req.customer_ids,
+            self.engine.batching().max_ids,
+            &mut violations,
+        );
+        let c = check_options(
+            req.read_mask.as_ref(),
+            &Component::CUSTOMER,
+            req.completeness,
+            req.cache.as_ref(),
+            &mut violations,
+        );
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations).into());
+        }
+        let requested = c.authorize(&call.caller)?;
+        let answers = self
+            .engine
+            .customers(
+                (call.caller.scope(), &req.customer_ids),
+                Ask {
+                    requested,
+                    completeness: c.completeness,
+                    policy: c.policy,
+                },
+                call.deadline,
+            )
+            .await;
+        let results = req
+            .customer_ids
+            .into_iter()
+            .zip(answers)
+            .map(|(customer_id, answer)| match answer {
+                Ok(parts) => {
+                    let r = shape(customer_id.clone(), parts);
+                    CustomerResult {
+                        customer_id,
+                        customer: r.customer,
+                        status: r.status,
+                        error: None,
+                    }
+                }
+                Err(e) => CustomerResult {
+                    customer_id,
+                    error: Some(rpc_status(e)),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(BatchGetCustomersResponse { results }))
     }
 }
 

@@ -10,19 +10,20 @@ use tonic_types::FieldViolation;
 
 use crate::{
     component::Component,
-    engine::{CustomerParts, Engine},
+    engine::{Ask, CustomerParts, Engine},
     error::Error,
     pb::{
         bfb::customer::v2::{
-            CurrencyTotal, Customer, Favorite, Favorites, GetCustomerRequest, GetCustomerResponse,
-            Money, Order, OrderStatus, Orders, PageRequest, Profile, Review, Reviews, StatusCount,
+            BatchGetCustomersRequest, BatchGetCustomersResponse, CurrencyTotal, Customer,
+            CustomerResult, Favorite, Favorites, GetCustomerRequest, GetCustomerResponse, Money,
+            Order, OrderStatus, Orders, PageRequest, Profile, Review, Reviews, StatusCount,
             customer_aggregate_service_server::CustomerAggregateService,
         },
         downstream::{self, orders::v1::OrderStatus as DownstreamStatus},
     },
 };
 
-use super::{Rpc, aggregate_status, check_common, handle};
+use super::{Rpc, aggregate_status, check_common, check_ids, check_options, handle, rpc_status};
 
 /// How many recent reviews v2 returns.
 const RECENT: usize = 10;
@@ -58,6 +59,20 @@ impl CustomerAggregateService for CustomerV2 {
         )
         .await
     }
+
+    async fn batch_get_customers(
+        &self,
+        request: Request<BatchGetCustomersRequest>,
+    ) -> Result<Response<BatchGetCustomersResponse>, Status> {
+        handle(
+            &self.engine,
+            "v2.BatchGetCustomers",
+            request,
+            |_| None,
+            |req, call| self.batch_get_customers(req, call),
+        )
+        .await
+    }
 }
 
 impl CustomerV2 {
@@ -90,10 +105,13 @@ impl CustomerV2 {
             .engine
             .customer(
                 (call.caller.scope(), &req.customer_id),
-                requested,
-                c.completeness,
-                c.policy,
+                Ask {
+                    requested,
+                    completeness: c.completeness,
+                    policy: c.policy,
+                },
                 call.deadline,
+                None,
             )
             .await?;
         Ok(Response::new(shape(
@@ -102,6 +120,81 @@ impl CustomerV2 {
             favorites_page,
             orders_page,
         )))
+    }
+}
+
+impl CustomerV2 {
+    async fn batch_get_customers(
+        &self,
+        req: BatchGetCustomersRequest,
+        call: Rpc,
+    ) -> Result<Response<BatchGetCustomersResponse>, Status> {
+        let mut violations = Vec::new();
+        check_ids(
+            "customer_ids",
+            &req.customer_ids,
+            self.engine.batching().max_ids,
+            &mut violations,
+        );
+        let c = check_options(
+            req.read_mask.as_ref(),
+            &Component::CUSTOMER,
+            req.completeness,
+            req.cache.as_ref(),
+            &mut violations,
+        );
+        // The first page of each list, of page_size items.
+        let size_ok = usize::try_from(req.page_size).is_ok_and(|n| n <= MAX_PAGE);
+        if !size_ok {
+            violations.push(FieldViolation::new(
+                "page_size",
+                format!("must be between 1 and {MAX_PAGE} (0 means {DEFAULT_PAGE})"),
+            ));
+        }
+        let first = PageRequest {
+            page_size: if size_ok { req.page_size } else { 0 },
+            page_token: String::new(),
+        };
+        let favorites_page = Page::check("favorites_page", Some(&first), &mut violations);
+        let orders_page = Page::check("orders_page", Some(&first), &mut violations);
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations).into());
+        }
+        let requested = c.authorize(&call.caller)?;
+        let answers = self
+            .engine
+            .customers(
+                (call.caller.scope(), &req.customer_ids),
+                Ask {
+                    requested,
+                    completeness: c.completeness,
+                    policy: c.policy,
+                },
+                call.deadline,
+            )
+            .await;
+        let results = req
+            .customer_ids
+            .into_iter()
+            .zip(answers)
+            .map(|(customer_id, answer)| match answer {
+                Ok(parts) => {
+                    let r = shape(customer_id.clone(), parts, favorites_page, orders_page);
+                    CustomerResult {
+                        customer_id,
+                        customer: r.customer,
+                        status: r.status,
+                        error: None,
+                    }
+                }
+                Err(e) => CustomerResult {
+                    customer_id,
+                    error: Some(rpc_status(e)),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        Ok(Response::new(BatchGetCustomersResponse { results }))
     }
 }
 

@@ -50,6 +50,33 @@ pub fn check_id(field: &str, id: &str, violations: &mut Vec<FieldViolation>) {
     violations.push(FieldViolation::new(field, problem));
 }
 
+/// Checks the ids of a batch: 1 to `max`, each a valid id (violations name
+/// `field[i]`).
+pub fn check_ids(field: &str, ids: &[String], max: usize, violations: &mut Vec<FieldViolation>) {
+    if ids.is_empty() {
+        violations.push(FieldViolation::new(field, "must name at least one id"));
+    } else if ids.len() > max {
+        violations.push(FieldViolation::new(
+            field,
+            format!("at most {max} ids per call; split the batch"),
+        ));
+    }
+    for (i, id) in ids.iter().enumerate().take(max) {
+        check_id(&format!("{field}[{i}]"), id, violations);
+    }
+}
+
+/// An error as a `google.rpc.Status` message, details included: the error of
+/// one item of a batch or stream, exactly as a single call would send it.
+pub fn rpc_status(error: Error) -> tonic_types::pb::Status {
+    let status = Status::from(error);
+    prost::Message::decode(status.details()).unwrap_or_else(|_| tonic_types::pb::Status {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        details: Vec::new(),
+    })
+}
+
 /// Reads the `completeness` enum; unknown values are a violation.
 pub fn check_completeness(value: i32, violations: &mut Vec<FieldViolation>) -> Completeness {
     match PbCompleteness::try_from(value) {
@@ -137,6 +164,18 @@ pub fn check_common(
     violations: &mut Vec<FieldViolation>,
 ) -> Common {
     check_id(id_field, id, violations);
+    check_options(read_mask, aggregate, completeness, cache, violations)
+}
+
+/// Checks the fields every aggregate request has besides its ids: the read
+/// mask against the aggregate's components, completeness and cache policy.
+pub fn check_options(
+    read_mask: Option<&prost_types::FieldMask>,
+    aggregate: &[Component],
+    completeness: i32,
+    cache: Option<&PbCachePolicy>,
+    violations: &mut Vec<FieldViolation>,
+) -> Common {
     let paths = read_mask.map_or(&[][..], |m| &m.paths[..]);
     Common {
         requested: ComponentSet::from_read_mask(paths, aggregate, "read_mask", violations),

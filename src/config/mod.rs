@@ -50,6 +50,8 @@ pub struct Config {
     pub server: ServerSettings,
     /// Which components each aggregate needs.
     pub aggregates: Aggregates,
+    /// Many entities per call.
+    pub batch: BatchSettings,
     /// Traces, metrics and logs.
     pub telemetry: TelemetrySettings,
     /// The component cache.
@@ -76,6 +78,8 @@ struct RawConfig {
     server: ServerSettings,
     #[serde(default)]
     aggregates: Aggregates,
+    #[serde(default)]
+    batch: BatchSettings,
     #[serde(default)]
     telemetry: TelemetrySettings,
     #[serde(default)]
@@ -112,6 +116,42 @@ impl Default for Deadlines {
             max: Duration::from_secs(30),
             reserve: Duration::from_millis(3),
             min_call_budget: Duration::from_millis(2),
+        }
+    }
+}
+
+/// `[batch]`: many entities per call (BatchGetCustomers, StreamUserActivity)
+/// and the batching of their downstream lookups.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchSettings {
+    /// Most ids one BatchGetCustomers may ask for; more is INVALID_ARGUMENT.
+    pub max_ids: usize,
+    /// Most users one StreamUserActivity may cover.
+    pub stream_max_users: u32,
+    /// Users of a stream being fetched at once (bounded fan-out; a slow
+    /// reader holds the stream back instead of making bfb buffer).
+    pub stream_in_flight: usize,
+    /// How long a loader collects lookups after the first before it sends
+    /// them as one downstream batch.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Largest downstream batch; a full batch is sent at once.
+    pub max_batch: usize,
+    /// Largest directory batch. Names are looked up per counterparty, dozens
+    /// per user, so its batches are larger.
+    pub max_directory_batch: usize,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        BatchSettings {
+            max_ids: 100,
+            stream_max_users: 100_000,
+            stream_in_flight: 64,
+            window: Duration::from_millis(1),
+            max_batch: 100,
+            max_directory_batch: 1000,
         }
     }
 }
@@ -267,6 +307,7 @@ impl Config {
             deadlines: raw.deadlines,
             server: raw.server,
             aggregates: raw.aggregates,
+            batch: raw.batch,
             telemetry: raw.telemetry,
             cache: raw.cache,
             downstreams,
@@ -364,6 +405,31 @@ impl Config {
             }
         }
         self.check_auth(p);
+        let b = &self.batch;
+        if !(1..=1000).contains(&b.max_ids) {
+            p.add("batch.max_ids", "must be between 1 and 1000");
+        }
+        if !(1..=1000).contains(&b.max_batch) {
+            p.add(
+                "batch.max_batch",
+                "must be between 1 and 1000 (the downstream batch limit)",
+            );
+        }
+        if !(1..=1000).contains(&b.max_directory_batch) {
+            p.add(
+                "batch.max_directory_batch",
+                "must be between 1 and 1000 (the directory's batch limit)",
+            );
+        }
+        if !(1..=1000).contains(&b.stream_in_flight) {
+            p.add("batch.stream_in_flight", "must be between 1 and 1000");
+        }
+        if b.stream_max_users == 0 {
+            p.add("batch.stream_max_users", "must be at least 1");
+        }
+        if b.window > Duration::from_millis(100) {
+            p.add("batch.window", "must be at most 100ms, e.g. \"1ms\"");
+        }
         let t = &self.telemetry;
         p.fraction("telemetry.sampling_ratio", t.sampling_ratio);
         p.positive("telemetry.export_interval", t.export_interval);

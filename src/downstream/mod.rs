@@ -6,6 +6,7 @@
 //! the same endpoint, since HTTP/2 multiplexes their calls over one
 //! connection; the resilience stacks stay per downstream.
 
+pub mod loader;
 pub mod stack;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -16,36 +17,24 @@ use tonic::{
 };
 use tower::{ServiceExt, util::BoxCloneSyncService};
 
+use self::loader::{BatchFn, Loader};
 use crate::{
     component::Component,
-    config::{Config, DownstreamSettings, DownstreamTls},
+    config::{BatchSettings, Config, DownstreamSettings, DownstreamTls},
     engine::Deadline,
     error::Reason,
     pb::downstream::{
-        calls::v1::{
-            ListCallsRequest, ListCallsResponse, calls_service_client::CallsServiceClient,
-        },
+        calls::v1::{calls_service_client::CallsServiceClient, *},
         directory::v1::{
             BatchGetContactsRequest, BatchGetContactsResponse,
             directory_service_client::DirectoryServiceClient,
         },
-        emails::v1::{
-            ListEmailsRequest, ListEmailsResponse, emails_service_client::EmailsServiceClient,
-        },
-        favorites::v1::{
-            ListFavoritesRequest, ListFavoritesResponse,
-            favorites_service_client::FavoritesServiceClient,
-        },
-        orders::v1::{
-            ListOrdersRequest, ListOrdersResponse, orders_service_client::OrdersServiceClient,
-        },
-        profile::v1::{
-            GetProfileRequest, GetProfileResponse, profile_service_client::ProfileServiceClient,
-        },
-        reviews::v1::{
-            ListReviewsRequest, ListReviewsResponse, reviews_service_client::ReviewsServiceClient,
-        },
-        sms::v1::{ListSmsRequest, ListSmsResponse, sms_service_client::SmsServiceClient},
+        emails::v1::{emails_service_client::EmailsServiceClient, *},
+        favorites::v1::{favorites_service_client::FavoritesServiceClient, *},
+        orders::v1::{orders_service_client::OrdersServiceClient, *},
+        profile::v1::{profile_service_client::ProfileServiceClient, *},
+        reviews::v1::{reviews_service_client::ReviewsServiceClient, *},
+        sms::v1::{sms_service_client::SmsServiceClient, *},
     },
     resilience::{Call, Failed},
     telemetry::metrics::Metrics,
@@ -106,6 +95,98 @@ pub struct Downstreams {
     pub sms: Downstream<ListSmsRequest, ListSmsResponse>,
     /// The directory service.
     pub directory: Downstream<BatchGetContactsRequest, BatchGetContactsResponse>,
+    /// The batch RPCs, each behind its own stack with its downstream's
+    /// settings; used through [`Loaders`].
+    batch: BatchDownstreams,
+}
+
+struct BatchDownstreams {
+    profile: Downstream<BatchGetProfilesRequest, BatchGetProfilesResponse>,
+    favorites: Downstream<BatchListFavoritesRequest, BatchListFavoritesResponse>,
+    reviews: Downstream<BatchListReviewsRequest, BatchListReviewsResponse>,
+    orders: Downstream<BatchListOrdersRequest, BatchListOrdersResponse>,
+    calls: Downstream<BatchListCallsRequest, BatchListCallsResponse>,
+    emails: Downstream<BatchListEmailsRequest, BatchListEmailsResponse>,
+    sms: Downstream<BatchListSmsRequest, BatchListSmsResponse>,
+}
+
+/// One request's loaders: its single lookups, batched (see [`loader`]).
+#[derive(Clone)]
+pub struct Loaders {
+    /// Profiles.
+    pub profile: Loader<GetProfileRequest, GetProfileResponse>,
+    /// Favorites.
+    pub favorites: Loader<ListFavoritesRequest, ListFavoritesResponse>,
+    /// Reviews.
+    pub reviews: Loader<ListReviewsRequest, ListReviewsResponse>,
+    /// Orders.
+    pub orders: Loader<ListOrdersRequest, ListOrdersResponse>,
+    /// Calls.
+    pub calls: Loader<ListCallsRequest, ListCallsResponse>,
+    /// E-mails.
+    pub emails: Loader<ListEmailsRequest, ListEmailsResponse>,
+    /// SMS.
+    pub sms: Loader<ListSmsRequest, ListSmsResponse>,
+    /// Display names by user id (`None`: the directory does not know it).
+    pub directory: Loader<String, Option<String>>,
+}
+
+/// A loader over a batch downstream: `$req { requests }` to `results`.
+macro_rules! loader {
+    ($ds:expr, $req:ident, $deadline:expr, $window:expr, $max:expr) => {{
+        let ds = $ds.clone();
+        let batch: BatchFn<_, _> = Arc::new(move |requests, deadline| {
+            let ds = ds.clone();
+            Box::pin(async move {
+                let response = ds.call(deadline, $req { requests }).await?;
+                Ok(response
+                    .results
+                    .into_iter()
+                    .map(|r| loader::item(r.response, r.error_code))
+                    .collect())
+            })
+        });
+        Loader::new($deadline, $window, $max, batch)
+    }};
+}
+
+impl Downstreams {
+    /// Loaders for one request, under `deadline`: batches of at most
+    /// `max_batch` (`max_directory_batch` for names), collected for `window`
+    /// after their first lookup.
+    pub fn loaders(&self, deadline: Deadline, settings: &BatchSettings) -> Loaders {
+        let b = &self.batch;
+        let (d, w, m) = (deadline, settings.window, settings.max_batch);
+        Loaders {
+            profile: loader!(b.profile, BatchGetProfilesRequest, d, w, m),
+            favorites: loader!(b.favorites, BatchListFavoritesRequest, d, w, m),
+            reviews: loader!(b.reviews, BatchListReviewsRequest, d, w, m),
+            orders: loader!(b.orders, BatchListOrdersRequest, d, w, m),
+            calls: loader!(b.calls, BatchListCallsRequest, d, w, m),
+            emails: loader!(b.emails, BatchListEmailsRequest, d, w, m),
+            sms: loader!(b.sms, BatchListSmsRequest, d, w, m),
+            directory: {
+                let ds = self.directory.clone();
+                let batch: BatchFn<String, Option<String>> = Arc::new(move |ids, deadline| {
+                    let ds = ds.clone();
+                    Box::pin(async move {
+                        let request = BatchGetContactsRequest {
+                            user_ids: ids.clone(),
+                        };
+                        let mut names: HashMap<String, String> = ds
+                            .call(deadline, request)
+                            .await?
+                            .contacts
+                            .into_iter()
+                            .map(|c| (c.user_id, c.display_name))
+                            .collect();
+                        Ok(ids.iter().map(|id| Ok(names.remove(id))).collect())
+                    })
+                });
+                Loader::new(d, w, settings.max_directory_batch, batch)
+            },
+        }
+    }
 }
 
 /// A downstream in the config could not be used.
@@ -241,6 +322,71 @@ impl Downstreams {
                 batch_get_contacts,
                 "downstream.directory.v1.DirectoryService/BatchGetContacts"
             ),
+            batch: BatchDownstreams {
+                profile: downstream!(
+                    ch,
+                    config,
+                    m,
+                    Component::Profile,
+                    ProfileServiceClient,
+                    batch_get_profiles,
+                    "downstream.profile.v1.ProfileService/BatchGetProfiles"
+                ),
+                favorites: downstream!(
+                    ch,
+                    config,
+                    m,
+                    Component::Favorites,
+                    FavoritesServiceClient,
+                    batch_list_favorites,
+                    "downstream.favorites.v1.FavoritesService/BatchListFavorites"
+                ),
+                reviews: downstream!(
+                    ch,
+                    config,
+                    m,
+                    Component::Reviews,
+                    ReviewsServiceClient,
+                    batch_list_reviews,
+                    "downstream.reviews.v1.ReviewsService/BatchListReviews"
+                ),
+                orders: downstream!(
+                    ch,
+                    config,
+                    m,
+                    Component::Orders,
+                    OrdersServiceClient,
+                    batch_list_orders,
+                    "downstream.orders.v1.OrdersService/BatchListOrders"
+                ),
+                calls: downstream!(
+                    ch,
+                    config,
+                    m,
+                    Component::Calls,
+                    CallsServiceClient,
+                    batch_list_calls,
+                    "downstream.calls.v1.CallsService/BatchListCalls"
+                ),
+                emails: downstream!(
+                    ch,
+                    config,
+                    m,
+                    Component::Emails,
+                    EmailsServiceClient,
+                    batch_list_emails,
+                    "downstream.emails.v1.EmailsService/BatchListEmails"
+                ),
+                sms: downstream!(
+                    ch,
+                    config,
+                    m,
+                    Component::Sms,
+                    SmsServiceClient,
+                    batch_list_sms,
+                    "downstream.sms.v1.SmsService/BatchListSms"
+                ),
+            },
         })
     }
 }

@@ -7,7 +7,7 @@ use prost_types::Timestamp;
 
 use crate::{
     component::{Component, ComponentSet},
-    downstream::CallError,
+    downstream::{CallError, Loaders},
     error::{Error, Reason},
     pb::downstream::{
         calls::v1::{Call, ListCallsRequest},
@@ -17,8 +17,8 @@ use crate::{
     },
 };
 
-use super::{Completeness, Deadline, Engine, Outcome, fetch, needed};
-use crate::cache::{Policy, Source};
+use super::{Ask, Deadline, Engine, Outcome, fetch, needed};
+use crate::cache::Source;
 
 /// A validated time window; either bound may be open.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -50,11 +50,15 @@ impl Engine {
         &self,
         (scope, id): (&str, &str),
         window: &Window,
-        requested: ComponentSet,
-        completeness: Completeness,
-        policy: Policy,
+        ask: Ask,
         deadline: Deadline,
+        loaders: Option<&Loaders>,
     ) -> Result<ActivityParts, Error> {
+        let Ask {
+            requested,
+            completeness,
+            policy,
+        } = ask;
         let needed = needed(requested, self.activity_required, completeness);
         let ds = &self.downstreams;
         let entity = ("user", id);
@@ -78,7 +82,7 @@ impl Engine {
                     policy,
                     needed,
                     deadline,
-                    &ds.calls,
+                    (&ds.calls, loaders.map(|l| &l.calls)),
                     msg,
                 )
                 .await?;
@@ -98,7 +102,7 @@ impl Engine {
                     policy,
                     needed,
                     deadline,
-                    &ds.emails,
+                    (&ds.emails, loaders.map(|l| &l.emails)),
                     msg,
                 )
                 .await?;
@@ -118,7 +122,7 @@ impl Engine {
                     policy,
                     needed,
                     deadline,
-                    &ds.sms,
+                    (&ds.sms, loaders.map(|l| &l.sms)),
                     msg,
                 )
                 .await?;
@@ -135,6 +139,23 @@ impl Engine {
             ComponentSet::EMPTY.with(Component::Directory)
         };
         let names = fetch(Component::Directory, lookup, needed, entity, || async {
+            if let Some(l) = loaders {
+                // Merged with the other users' lookups of this request.
+                let found = futures::future::try_join_all(
+                    ids.iter().map(|id| l.directory.load(id.clone())),
+                )
+                .await
+                .map_err(|e| match e {
+                    CallError::NotFound => CallError::Failed(Reason::DownstreamRejected),
+                    other => other,
+                })?;
+                let names = ids
+                    .into_iter()
+                    .zip(found)
+                    .filter_map(|(id, name)| Some((id, name?)))
+                    .collect();
+                return Ok((names, Source::Live));
+            }
             let msg = BatchGetContactsRequest { user_ids: ids };
             let resp = ds
                 .directory

@@ -2,8 +2,8 @@
 //! concurrently.
 
 use crate::{
-    component::{Component, ComponentSet},
-    downstream::CallError,
+    component::Component,
+    downstream::{CallError, Loaders},
     error::{Error, Reason},
     pb::downstream::{
         favorites::v1::{Favorite, ListFavoritesRequest},
@@ -13,8 +13,7 @@ use crate::{
     },
 };
 
-use super::{Completeness, Deadline, Engine, Outcome, fetch, needed};
-use crate::cache::Policy;
+use super::{Ask, Deadline, Engine, Outcome, fetch, needed};
 
 /// The downstream data of one customer, as fetched; adapters shape it.
 #[derive(Debug)]
@@ -30,16 +29,38 @@ pub struct CustomerParts {
 }
 
 impl Engine {
+    /// Fetches many customers at once, one result per id in order; their
+    /// lookups go downstream in batches (one set of loaders for the call),
+    /// and one customer's failure stays its own.
+    pub async fn customers(
+        &self,
+        (scope, ids): (&str, &[String]),
+        ask: Ask,
+        deadline: Deadline,
+    ) -> Vec<Result<CustomerParts, Error>> {
+        let loaders = self.loaders(deadline);
+        futures::future::join_all(
+            ids.iter()
+                .map(|id| self.customer((scope, id), ask, deadline, Some(&loaders))),
+        )
+        .await
+    }
+
     /// Fetches the requested components of customer `id` concurrently, for
-    /// a caller whose cache scope is `scope`.
+    /// a caller whose cache scope is `scope`; through `loaders` when the
+    /// request batches its lookups.
     pub async fn customer(
         &self,
         (scope, id): (&str, &str),
-        requested: ComponentSet,
-        completeness: Completeness,
-        policy: Policy,
+        ask: Ask,
         deadline: Deadline,
+        loaders: Option<&Loaders>,
     ) -> Result<CustomerParts, Error> {
+        let Ask {
+            requested,
+            completeness,
+            policy,
+        } = ask;
         let needed = needed(requested, self.customer_required, completeness);
         let ds = &self.downstreams;
         let entity = ("customer", id);
@@ -57,7 +78,7 @@ impl Engine {
                     policy,
                     needed,
                     deadline,
-                    &ds.profile,
+                    (&ds.profile, loaders.map(|l| &l.profile)),
                     msg,
                 )
                 .await?;
@@ -76,7 +97,7 @@ impl Engine {
                     policy,
                     needed,
                     deadline,
-                    &ds.favorites,
+                    (&ds.favorites, loaders.map(|l| &l.favorites)),
                     msg,
                 )
                 .await?;
@@ -94,7 +115,7 @@ impl Engine {
                     policy,
                     needed,
                     deadline,
-                    &ds.reviews,
+                    (&ds.reviews, loaders.map(|l| &l.reviews)),
                     msg,
                 )
                 .await?;
@@ -112,7 +133,7 @@ impl Engine {
                     policy,
                     needed,
                     deadline,
-                    &ds.orders,
+                    (&ds.orders, loaders.map(|l| &l.orders)),
                     msg,
                 )
                 .await?;

@@ -18,11 +18,13 @@ pub mod deadline;
 
 use std::{future::Future, sync::Arc};
 
+use futures::future::BoxFuture;
+
 use crate::{
     cache::{Cache, Key, Policy, Source},
     component::{Component, ComponentSet},
     config::Config,
-    downstream::{CallError, Downstream, Downstreams, EndpointError},
+    downstream::{CallError, Downstream, Downstreams, EndpointError, Loaders, loader::Loader},
     error::{Error, Reason},
     telemetry::metrics::Metrics,
 };
@@ -78,6 +80,17 @@ pub enum OutcomeState {
     Failed(Reason),
 }
 
+/// What a caller asks of an aggregate, besides which entity.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask {
+    /// The components it gets (read mask, narrowed by authorization).
+    pub requested: ComponentSet,
+    /// How complete the answer must be.
+    pub completeness: Completeness,
+    /// How the cache may be used.
+    pub policy: Policy,
+}
+
 /// How complete an answer the caller accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Completeness {
@@ -95,6 +108,7 @@ pub struct Engine {
     deadlines: crate::config::Deadlines,
     customer_required: ComponentSet,
     activity_required: ComponentSet,
+    batching: crate::config::BatchSettings,
 }
 
 impl Engine {
@@ -107,6 +121,7 @@ impl Engine {
             deadlines: config.deadlines.clone(),
             customer_required: config.aggregates.customer.required_set(),
             activity_required: config.aggregates.activity.required_set(),
+            batching: config.batch.clone(),
         })
     }
 
@@ -120,6 +135,17 @@ impl Engine {
         &self.cache
     }
 
+    /// Loaders that batch one request's downstream lookups (batch and
+    /// streaming RPCs), under that request's `deadline`.
+    pub fn loaders(&self, deadline: Deadline) -> Loaders {
+        self.downstreams.loaders(deadline, &self.batching)
+    }
+
+    /// The batching settings.
+    pub fn batching(&self) -> &crate::config::BatchSettings {
+        &self.batching
+    }
+
     /// One component's downstream answer, through the cache when the
     /// component is cached. `key` is (the caller's scope, the entity id).
     #[allow(clippy::too_many_arguments)]
@@ -131,24 +157,28 @@ impl Engine {
         policy: Policy,
         needed: ComponentSet,
         deadline: Deadline,
-        downstream: &Downstream<M, T>,
+        (downstream, loader): (&Downstream<M, T>, Option<&Loader<M, T>>),
         message: M,
     ) -> Result<(T, Source), CallError>
     where
         M: Clone + Send + Sync + 'static,
         T: prost::Message + Default + Send + 'static,
     {
-        if !self.cache.enabled(component) {
-            return downstream
-                .call(deadline, message)
-                .await
-                .map(|v| (v, Source::Live));
-        }
-        let ds = downstream.clone();
-        let live = move |d: Deadline| {
-            let (ds, m) = (ds.clone(), message.clone());
-            async move { ds.call(d, m).await }
+        // Live data comes from the request's loader (batched with its other
+        // lookups) when it has one, else from a single call.
+        let (ds, loader) = (downstream.clone(), loader.cloned());
+        let live = move |d: Deadline| -> BoxFuture<'static, Result<T, CallError>> {
+            match &loader {
+                Some(l) => Box::pin(l.load(message.clone())),
+                None => {
+                    let (ds, m) = (ds.clone(), message.clone());
+                    Box::pin(async move { ds.call(d, m).await })
+                }
+            }
         };
+        if !self.cache.enabled(component) {
+            return live(deadline).await.map(|v| (v, Source::Live));
+        }
         let (scope, id) = key;
         let key = Key {
             component,
