@@ -24,6 +24,7 @@ test-tools:
 bench:
 	cargo bench --locked --bench fanout
 	cargo bench --locked --bench hedge
+	cargo bench --locked --bench batch
 
 ## The release binary, built exactly as the Dockerfile builds it.
 release:

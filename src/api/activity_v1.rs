@@ -67,7 +67,9 @@ impl UserActivityService for ActivityV1 {
             "StreamUserActivity",
             request,
             |_| None,
-            |req, call| std::future::ready(self.stream_user_activity(req, call)),
+            // Lazily, so the loaders are made inside the RPC's context and
+            // the stream's downstream calls carry its request id and caller.
+            |req, call| async move { self.stream_user_activity(req, call) },
         )
         .await
     }

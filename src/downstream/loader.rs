@@ -64,13 +64,16 @@ impl<M: Send + 'static, T: Send + 'static> Loader<M, T> {
                         Ok(None) | Err(_) => break,
                     }
                 }
-                tokio::spawn(dispatch(items, deadline, batch.clone()));
+                // In the request's context: the batch carries its request id
+                // and caller downstream like any call made for it.
+                let send = dispatch(items, deadline, batch.clone());
+                match &context {
+                    Some(cx) => tokio::spawn(cx.clone().scope(send)),
+                    None => tokio::spawn(send),
+                };
             }
         };
-        match context {
-            Some(cx) => tokio::spawn(cx.scope(collect)),
-            None => tokio::spawn(collect),
-        };
+        tokio::spawn(collect);
         Loader { tx }
     }
 
