@@ -69,7 +69,11 @@ async fn main() -> Result<(), Boxed> {
     let ch = channel(bfb_addr).await?;
     let mut sim = SimControlClient::new(channel(sim_addr).await?);
     let customers = CustomerAggregateServiceClient::new(ch.clone());
-    let ids = |set: u64| -> Vec<String> { (0..100).map(|i| format!("c-{}", set * 100 + i + 1)).collect() };
+    let ids = |set: u64| -> Vec<String> {
+        (0..100)
+            .map(|i| format!("c-{}", set * 100 + i + 1))
+            .collect()
+    };
 
     println!("100 customers, sim latency 1 ms, {sets} sets each:");
     // Warm-up: connections and first-call costs.
@@ -96,7 +100,10 @@ async fn main() -> Result<(), Boxed> {
     }
     let after = calls(&mut sim).await?;
     row("BatchGetCustomers (100 ids)", &h);
-    println!("    downstream calls per set: {}", per_set(&before, &after, sets));
+    println!(
+        "    downstream calls per set: {}",
+        per_set(&before, &after, sets)
+    );
 
     let before = after;
     let mut h = Histogram::<u64>::new(3)?;
@@ -119,7 +126,10 @@ async fn main() -> Result<(), Boxed> {
     }
     let after = calls(&mut sim).await?;
     row("100 x GetCustomer, concurrently", &h);
-    println!("    downstream calls per set: {}", per_set(&before, &after, sets));
+    println!(
+        "    downstream calls per set: {}",
+        per_set(&before, &after, sets)
+    );
 
     let users = 10_000;
     let (rss_before, peak_before) = (status_kib(&bfb, "VmRSS:"), status_kib(&bfb, "VmHWM:"));

@@ -46,7 +46,11 @@ async fn python_grpcio_stubs_call_every_public_rpc() {
         .args(["-m", "grpc_tools.protoc", "-Iproto"])
         .arg(format!("--python_out={}", stubs.display()))
         .arg(format!("--grpc_python_out={}", stubs.display()))
-        .args(files.iter().map(|f| f.strip_prefix(root).expect("under root")))
+        .args(
+            files
+                .iter()
+                .map(|f| f.strip_prefix(root).expect("under root")),
+        )
         .current_dir(root)
         .output()
         .await
