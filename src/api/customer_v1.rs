@@ -19,7 +19,7 @@ use crate::{
     },
 };
 
-use super::{Rpc, aggregate_status, check_common, check_ids, check_options, handle, rpc_status};
+use super::{Rpc, aggregate_status, check_common, fetch_customers, handle, rpc_status};
 
 /// How many recent reviews and orders v1 returns.
 const RECENT: usize = 10;
@@ -110,36 +110,15 @@ impl CustomerV1 {
         req: BatchGetCustomersRequest,
         call: Rpc,
     ) -> Result<Response<BatchGetCustomersResponse>, Status> {
-        let mut violations = Vec::new();
-        check_ids(
-            "customer_ids",
+        let answers = fetch_customers(
+            &self.engine,
+            &call,
             &req.customer_ids,
-            self.engine.batching().max_ids,
-            &mut violations,
-        );
-        let c = check_options(
             req.read_mask.as_ref(),
-            &Component::CUSTOMER,
-            req.completeness,
-            req.cache.as_ref(),
-            &mut violations,
-        );
-        if !violations.is_empty() {
-            return Err(Error::InvalidArgument(violations).into());
-        }
-        let requested = c.authorize(&call.caller)?;
-        let answers = self
-            .engine
-            .customers(
-                (call.caller.scope(), &req.customer_ids),
-                Ask {
-                    requested,
-                    completeness: c.completeness,
-                    policy: c.policy,
-                },
-                call.deadline,
-            )
-            .await;
+            (req.completeness, req.cache.as_ref()),
+            Vec::new(),
+        )
+        .await?;
         let results = req
             .customer_ids
             .into_iter()

@@ -23,7 +23,7 @@ use crate::{
     },
 };
 
-use super::{Rpc, aggregate_status, check_common, check_ids, check_options, handle, rpc_status};
+use super::{Rpc, aggregate_status, check_common, fetch_customers, handle, rpc_status};
 
 /// How many recent reviews v2 returns.
 const RECENT: usize = 10;
@@ -129,21 +129,8 @@ impl CustomerV2 {
         req: BatchGetCustomersRequest,
         call: Rpc,
     ) -> Result<Response<BatchGetCustomersResponse>, Status> {
-        let mut violations = Vec::new();
-        check_ids(
-            "customer_ids",
-            &req.customer_ids,
-            self.engine.batching().max_ids,
-            &mut violations,
-        );
-        let c = check_options(
-            req.read_mask.as_ref(),
-            &Component::CUSTOMER,
-            req.completeness,
-            req.cache.as_ref(),
-            &mut violations,
-        );
         // The first page of each list, of page_size items.
+        let mut violations = Vec::new();
         let size_ok = usize::try_from(req.page_size).is_ok_and(|n| n <= MAX_PAGE);
         if !size_ok {
             violations.push(FieldViolation::new(
@@ -157,22 +144,15 @@ impl CustomerV2 {
         };
         let favorites_page = Page::check("favorites_page", Some(&first), &mut violations);
         let orders_page = Page::check("orders_page", Some(&first), &mut violations);
-        if !violations.is_empty() {
-            return Err(Error::InvalidArgument(violations).into());
-        }
-        let requested = c.authorize(&call.caller)?;
-        let answers = self
-            .engine
-            .customers(
-                (call.caller.scope(), &req.customer_ids),
-                Ask {
-                    requested,
-                    completeness: c.completeness,
-                    policy: c.policy,
-                },
-                call.deadline,
-            )
-            .await;
+        let answers = fetch_customers(
+            &self.engine,
+            &call,
+            &req.customer_ids,
+            req.read_mask.as_ref(),
+            (req.completeness, req.cache.as_ref()),
+            violations,
+        )
+        .await?;
         let results = req
             .customer_ids
             .into_iter()

@@ -20,7 +20,7 @@ use crate::{
     auth::Caller,
     cache::{Policy, Source},
     component::{Component, ComponentSet},
-    engine::{Completeness, Deadline, Engine, OutcomeState},
+    engine::{Ask, Completeness, CustomerParts, Deadline, Engine, OutcomeState},
     error::{Denied, Error, Reason},
     inbound::Arrival,
     pb::bfb::common::v1::{
@@ -64,6 +64,44 @@ pub fn check_ids(field: &str, ids: &[String], max: usize, violations: &mut Vec<F
     for (i, id) in ids.iter().enumerate().take(max) {
         check_id(&format!("{field}[{i}]"), id, violations);
     }
+}
+
+/// What every version's BatchGetCustomers does before shaping: checks the
+/// ids and options (adding to `violations`, which may already hold the
+/// version's own problems), authorizes the components, and fetches every
+/// customer, one result per id.
+pub async fn fetch_customers(
+    engine: &Engine,
+    call: &Rpc,
+    ids: &[String],
+    read_mask: Option<&prost_types::FieldMask>,
+    (completeness, cache): (i32, Option<&PbCachePolicy>),
+    mut violations: Vec<FieldViolation>,
+) -> Result<Vec<Result<CustomerParts, Error>>, Error> {
+    check_ids(
+        "customer_ids",
+        ids,
+        engine.batching().max_ids,
+        &mut violations,
+    );
+    let c = check_options(
+        read_mask,
+        &Component::CUSTOMER,
+        completeness,
+        cache,
+        &mut violations,
+    );
+    if !violations.is_empty() {
+        return Err(Error::InvalidArgument(violations));
+    }
+    let ask = Ask {
+        requested: c.authorize(&call.caller)?,
+        completeness: c.completeness,
+        policy: c.policy,
+    };
+    Ok(engine
+        .customers((call.caller.scope(), ids), ask, call.deadline)
+        .await)
 }
 
 /// An error as a `google.rpc.Status` message, details included: the error of
