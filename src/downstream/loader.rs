@@ -78,7 +78,10 @@ impl<M: Send + 'static, T: Send + 'static> Loader<M, T> {
     }
 
     /// This request's result, from the batch it lands in.
-    pub fn load(&self, message: M) -> impl Future<Output = Result<T, CallError>> + Send + 'static {
+    pub fn load(
+        &self,
+        message: M,
+    ) -> impl Future<Output = Result<T, CallError>> + Send + use<M, T> {
         let (reply, result) = oneshot::channel();
         let sent = self.tx.send((message, reply));
         async move {

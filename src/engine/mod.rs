@@ -18,7 +18,7 @@ pub mod deadline;
 
 use std::{future::Future, sync::Arc};
 
-use futures::future::BoxFuture;
+use futures::future::Either;
 
 use crate::{
     cache::{Cache, Key, Policy, Source},
@@ -167,13 +167,11 @@ impl Engine {
         // Live data comes from the request's loader (batched with its other
         // lookups) when it has one, else from a single call.
         let (ds, loader) = (downstream.clone(), loader.cloned());
-        let live = move |d: Deadline| -> BoxFuture<'static, Result<T, CallError>> {
-            match &loader {
-                Some(l) => Box::pin(l.load(message.clone())),
-                None => {
-                    let (ds, m) = (ds.clone(), message.clone());
-                    Box::pin(async move { ds.call(d, m).await })
-                }
+        let live = move |d: Deadline| match &loader {
+            Some(l) => Either::Left(l.load(message.clone())),
+            None => {
+                let (ds, m) = (ds.clone(), message.clone());
+                Either::Right(async move { ds.call(d, m).await })
             }
         };
         if !self.cache.enabled(component) {
