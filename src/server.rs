@@ -72,8 +72,8 @@ pub struct Listeners {
     pub health: Option<TcpListener>,
 }
 
-/// Connections of a listener: plaintext, or TLS terminated by bfb.
-type Incoming = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
+/// A server running on one listener (plaintext or TLS), until its signal.
+type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
 /// Serves `router` on `listener`, through `tls` when set, until `signal`.
 fn serve_on<L>(
@@ -81,7 +81,7 @@ fn serve_on<L>(
     listener: TcpListener,
     tls: Option<&ServerTls>,
     signal: impl Future<Output = ()> + Send + 'static,
-) -> Incoming
+) -> Serving
 where
     L: tower::Layer<tonic::service::Routes> + Send + 'static,
     L::Service: tower::Service<

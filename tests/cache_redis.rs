@@ -209,18 +209,7 @@ async fn killing_redis_mid_run_fails_nothing() {
         DataSource::Cache as i32
     );
 
-    let text = {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(h.metrics)
-            .await
-            .expect("metrics");
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
-            .await
-            .expect("write");
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.expect("read");
-        out
-    };
+    let text = common::http_get(h.metrics, "/metrics").await;
     let skipped = ["error", "timeout", "breaker_open"]
         .iter()
         .filter_map(|r| {

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::http_get;
+
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use bfb::{
@@ -26,29 +28,13 @@ use opentelemetry_proto::tonic::{
     trace::v1::Span,
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{TcpListener, TcpStream},
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::TcpListener,
     process::Child,
 };
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
-
-/// GET over HTTP/1.0 (close-delimited body), enough for /metrics.
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bfb\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    let (head, body) = out.split_once("\r\n\r\n").expect("http response");
-    assert!(
-        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
-        "{head}"
-    );
-    body.to_string()
-}
 
 /// The value of one series in an exposition (0 when absent).
 fn sample(text: &str, series: &str) -> f64 {

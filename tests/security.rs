@@ -255,7 +255,7 @@ async fn mtls_admits_a_listed_spiffe_id_and_rejects_every_bad_certificate() {
     assert_eq!(health.into_inner().status, 1);
 
     // Rejections are counted by reason.
-    let metrics = reqwest_metrics(h.metrics).await;
+    let metrics = common::http_get(h.metrics, "/metrics").await;
     for reason in [
         "no_client_certificate",
         "invalid_client_certificate",
@@ -267,18 +267,6 @@ async fn mtls_admits_a_listed_spiffe_id_and_rejects_every_bad_certificate() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// `GET /metrics` over a plain TCP socket (no HTTP client dependency).
-async fn reqwest_metrics(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    out
 }
 
 #[tokio::test]

@@ -106,24 +106,28 @@ pub fn propagate(span: &tracing::Span, metadata: &mut MetadataMap) {
     });
 }
 
-fn request_id(metadata: &MetadataMap) -> String {
+fn request_id(metadata: &MetadataMap) -> Arc<str> {
     metadata
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())
         .filter(|id| {
             !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic())
         })
-        .map_or_else(new_request_id, str::to_string)
+        .map_or_else(new_request_id, Arc::from)
 }
 
 /// A random (version 4) UUID from the thread-local RNG: `Uuid::new_v4` reads
 /// the OS RNG, a system call per request; request ids need uniqueness, not
 /// cryptographic strength.
-fn new_request_id() -> String {
+fn new_request_id() -> Arc<str> {
     let bytes: [u8; 16] = rand::Rng::random(&mut rand::rng());
-    uuid::Builder::from_random_bytes(bytes)
-        .into_uuid()
-        .to_string()
+    let mut text = uuid::Uuid::encode_buffer();
+    Arc::from(
+        &*uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .hyphenated()
+            .encode_lower(&mut text),
+    )
 }
 
 /// The stable upper-case name of a gRPC code, for labels and logs.
@@ -189,7 +193,7 @@ where
     let _ = span.set_parent(parent);
 
     let context = RequestContext {
-        request_id: request_id.as_str().into(),
+        request_id: request_id.clone(),
         consumer: consumer.clone(),
         principal: principal.clone(),
     };
@@ -237,19 +241,19 @@ where
         status = code,
         duration_ms = elapsed.as_secs_f64() * 1e3,
         degraded = degraded_list.as_str(),
-        request_id = request_id.as_str(),
+        request_id = &*request_id,
         consumer = &**consumer,
         "rpc"
     );
     match result {
         Ok(mut r) => {
-            if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
+            if let Ok(v) = MetadataValue::try_from(&*request_id) {
                 r.metadata_mut().insert(REQUEST_ID, v);
             }
             Ok(r)
         }
         Err(mut s) => {
-            if let Ok(v) = MetadataValue::try_from(request_id.as_str()) {
+            if let Ok(v) = MetadataValue::try_from(&*request_id) {
                 s.metadata_mut().insert(REQUEST_ID, v);
             }
             Err(s)
@@ -265,9 +269,9 @@ mod tests {
     fn request_ids_are_accepted_when_sane_and_generated_otherwise() {
         let mut md = MetadataMap::new();
         md.insert(REQUEST_ID, "abc-123".parse().expect("ascii"));
-        assert_eq!(request_id(&md), "abc-123");
+        assert_eq!(&*request_id(&md), "abc-123");
         md.insert(REQUEST_ID, "x".repeat(200).parse().expect("ascii"));
-        assert_ne!(request_id(&md), "x".repeat(200));
+        assert_ne!(&*request_id(&md), "x".repeat(200));
         let generated = request_id(&MetadataMap::new());
         let uuid = uuid::Uuid::parse_str(&generated).expect("a UUID");
         assert_eq!(uuid.get_version_num(), 4);

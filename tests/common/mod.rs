@@ -194,6 +194,24 @@ impl Harness {
     }
 }
 
+/// GET over HTTP/1.0 (close-delimited body), enough for /metrics; the body
+/// of a 200 answer.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bfb\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("read");
+    let (head, body) = out.split_once("\r\n\r\n").expect("http response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
 pub fn millis(ms: u64) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(Duration::from_millis(ms)).ok()
 }
