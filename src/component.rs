@@ -175,7 +175,8 @@ impl ComponentSet {
                 None => violations.push(FieldViolation::new(
                     format!("{field}.paths[{i}]"),
                     format!(
-                        "unknown component {path:?}; expected one of: {}",
+                        "unknown component {:?}; expected one of: {}",
+                        crate::error::clip(path, crate::error::MAX_ECHO),
                         names(allowed)
                     ),
                 )),

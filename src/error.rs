@@ -40,6 +40,9 @@ pub enum Reason {
     CircuitOpen,
     /// The downstream's bulkhead is full: too many calls to it in flight.
     BulkheadFull,
+    /// The downstream has no data for an entity that exists (its owning
+    /// component found it): that component's answer is missing.
+    NotFound,
 }
 
 impl Reason {
@@ -55,11 +58,12 @@ impl Reason {
             Reason::BadResponse => "BAD_RESPONSE",
             Reason::CircuitOpen => "CIRCUIT_OPEN",
             Reason::BulkheadFull => "BULKHEAD_FULL",
+            Reason::NotFound => "NOT_FOUND",
         }
     }
 
     /// Every reason.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::Timeout,
         Reason::DeadlineExceeded,
         Reason::NoBudget,
@@ -69,6 +73,7 @@ impl Reason {
         Reason::BadResponse,
         Reason::CircuitOpen,
         Reason::BulkheadFull,
+        Reason::NotFound,
     ];
 
     /// Parses a reason code.
@@ -86,7 +91,9 @@ impl Reason {
 /// Everything that can fail a bfb RPC.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The request is malformed; nothing was called.
+    /// The request is malformed; nothing was called. However many
+    /// violations there are, the status carries at most
+    /// [`MAX_VIOLATIONS`] of them, each clipped (see [`bounded`]).
     #[error("invalid request: {}", describe(.0))]
     InvalidArgument(Vec<FieldViolation>),
     /// The entity does not exist (a downstream said NOT_FOUND).
@@ -100,6 +107,12 @@ pub enum Error {
     /// bfb is at its cap of concurrent RPCs; the call was shed at once.
     #[error("bfb is overloaded; retry later")]
     Overloaded {
+        /// Suggested wait before retrying.
+        retry_after: Duration,
+    },
+    /// bfb has `server.max_health_watches` health watches open.
+    #[error("too many health watches open; retry later")]
+    TooManyWatches {
         /// Suggested wait before retrying.
         retry_after: Duration,
     },
@@ -141,20 +154,69 @@ pub enum Denied {
     /// Its identity is not a configured consumer.
     #[error("caller is not a known consumer")]
     Consumer,
-    /// The method (`package.Service/Method`).
-    #[error("caller may not call {0}")]
+    /// The method (`package.Service/Method`; clipped, it comes from the
+    /// request's path).
+    #[error("caller may not call {}", clip(.0, 128))]
     Method(String),
     /// A component it asked for.
     #[error("caller may not read component {0}")]
     Component(Component),
 }
 
-fn describe(violations: &[FieldViolation]) -> String {
+/// Field violations a status carries at most; more are summed up in one
+/// last "and K more" violation.
+pub const MAX_VIOLATIONS: usize = 10;
+/// Longest field path and description of a violation, in bytes.
+const MAX_FIELD: usize = 64;
+const MAX_DESCRIPTION: usize = 160;
+/// Longest value a message echoes back (an unknown path, a method name).
+pub const MAX_ECHO: usize = 32;
+
+/// `s` cut to at most `max` bytes on a character boundary, with `…` when
+/// cut. Everything bfb echoes from a request goes through this, so an error
+/// never grows with the input: grpc-java refuses trailers over 8 KiB and
+/// C-core over 16 KiB, and would show the caller RESOURCE_EXHAUSTED instead.
+pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end]).into()
+}
+
+/// The violations a status carries: the first [`MAX_VIOLATIONS`], clipped,
+/// and one more that counts the rest. The whole error (message and details,
+/// as sent) stays under 4 KiB for any input.
+pub fn bounded(mut violations: Vec<FieldViolation>) -> Vec<FieldViolation> {
+    let more = violations.len().saturating_sub(MAX_VIOLATIONS);
+    violations.truncate(MAX_VIOLATIONS);
+    for v in &mut violations {
+        v.field = clip(&v.field, MAX_FIELD).into_owned();
+        v.description = clip(&v.description, MAX_DESCRIPTION).into_owned();
+    }
+    if more > 0 {
+        violations.push(FieldViolation::new(
+            "request",
+            format!("and {more} more problems not listed"),
+        ));
+    }
     violations
-        .iter()
-        .map(|v| format!("{}: {}", v.field, v.description))
-        .collect::<Vec<_>>()
-        .join("; ")
+}
+
+/// The message of an invalid request: the first problem and how many more.
+fn describe(violations: &[FieldViolation]) -> String {
+    let Some(first) = violations.first() else {
+        return "no details".into();
+    };
+    let field = clip(&first.field, MAX_FIELD);
+    let description = clip(&first.description, MAX_DESCRIPTION);
+    match violations.len() - 1 {
+        0 => format!("{field}: {description}"),
+        more => format!("{field}: {description} (and {more} more; see BadRequest details)"),
+    }
 }
 
 /// How long a caller should wait before retrying after a downstream failure.
@@ -167,7 +229,7 @@ impl From<Error> for Status {
             Error::InvalidArgument(violations) => Status::with_error_details(
                 Code::InvalidArgument,
                 message,
-                ErrorDetails::with_bad_request(violations),
+                ErrorDetails::with_bad_request(bounded(violations)),
             ),
             Error::NotFound { kind, id } => {
                 let mut details = ErrorDetails::with_resource_info(kind, id, "", "");
@@ -181,6 +243,11 @@ impl From<Error> for Status {
             Error::Overloaded { retry_after } => {
                 let mut details = ErrorDetails::with_retry_info(Some(retry_after));
                 details.set_error_info("OVERLOADED", ERROR_DOMAIN, HashMap::new());
+                Status::with_error_details(Code::ResourceExhausted, message, details)
+            }
+            Error::TooManyWatches { retry_after } => {
+                let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+                details.set_error_info("TOO_MANY_WATCHES", ERROR_DOMAIN, HashMap::new());
                 Status::with_error_details(Code::ResourceExhausted, message, details)
             }
             Error::DeadlineExceeded => Status::with_error_details(
@@ -198,7 +265,7 @@ impl From<Error> for Status {
                     Denied::Consumer => ("UNKNOWN_CONSUMER", HashMap::new()),
                     Denied::Method(m) => (
                         "METHOD_NOT_ALLOWED",
-                        HashMap::from([("method".to_string(), m)]),
+                        HashMap::from([("method".to_string(), clip(&m, 128).into_owned())]),
                     ),
                     Denied::Component(c) => (
                         "COMPONENT_NOT_ALLOWED",
@@ -225,6 +292,7 @@ impl From<Error> for Status {
                 let code = match reason {
                     r if r.is_caller_deadline() => Code::DeadlineExceeded,
                     Reason::DownstreamRejected | Reason::BadResponse => Code::Internal,
+                    Reason::NotFound => Code::NotFound,
                     _ => Code::Unavailable,
                 };
                 let mut details = ErrorDetails::with_error_info(
@@ -256,6 +324,7 @@ mod tests {
             (Reason::DeadlineExceeded, Code::DeadlineExceeded, false),
             (Reason::NoBudget, Code::DeadlineExceeded, false),
             (Reason::DownstreamRejected, Code::Internal, false),
+            (Reason::NotFound, Code::NotFound, false),
         ];
         for (reason, code, retry) in cases {
             let status = Status::from(Error::Component {
@@ -311,6 +380,40 @@ mod tests {
             status.get_details_retry_info().expect("retry").retry_delay,
             Some(Duration::from_millis(250))
         );
+    }
+
+    /// The size of the error as it travels: `grpc-message` percent-encoded
+    /// (at worst 3 bytes a byte) and the details base64-encoded.
+    fn wire_size(status: &Status) -> usize {
+        status.message().len() * 3 + status.details().len().div_ceil(3) * 4
+    }
+
+    #[test]
+    fn errors_stay_small_whatever_the_input() {
+        let long = "x".repeat(10_000);
+        let many: Vec<FieldViolation> = (0..3_000)
+            .map(|i| {
+                FieldViolation::new(format!("read_mask.paths[{i}]"), format!("unknown {long:?}"))
+            })
+            .collect();
+        let status = Status::from(Error::InvalidArgument(many));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(wire_size(&status) < 4096, "{} bytes", wire_size(&status));
+        let bad = status.get_details_bad_request().expect("bad request");
+        assert_eq!(bad.field_violations.len(), MAX_VIOLATIONS + 1);
+        assert_eq!(
+            bad.field_violations[MAX_VIOLATIONS].description,
+            "and 2990 more problems not listed"
+        );
+        assert!(
+            status.message().contains("and 2999 more"),
+            "{}",
+            status.message()
+        );
+        let status = Status::from(Error::PermissionDenied(Denied::Method(long.clone())));
+        assert!(wire_size(&status) < 4096);
+        assert!(clip("héllo", 3).len() <= 3);
+        assert_eq!(clip("short", 10), "short");
     }
 
     #[test]

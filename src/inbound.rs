@@ -9,24 +9,29 @@
 //!   `tower::timeout`, whose `Elapsed` error is answered as DEADLINE_EXCEEDED
 //!   (tonic would report an unknown error type as UNKNOWN/INTERNAL).
 //! - **Arrival time**: stamped on every request, the start of its deadline.
+//! - **Health watches**: `grpc.health.v1.Health/Watch` streams stay open
+//!   for as long as the client likes, so their number is capped over all
+//!   listeners (`server.max_health_watches`); the slot is held by the
+//!   response body and freed when the stream ends.
 //! - **Oversized requests**: tonic rejects a message over
 //!   `server.max_request_bytes` with OUT_OF_RANGE; gRPC's convention is
 //!   RESOURCE_EXHAUSTED, so that answer is rewritten here (bfb's handlers never
 //!   produce OUT_OF_RANGE themselves).
 
 use std::{
+    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use futures::future::BoxFuture;
-use prometheus_client::metrics::counter::Counter;
-use tokio::sync::Semaphore;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Code, Status, body::Body};
 use tower::{BoxError, Layer, Service, ServiceExt, timeout::error::Elapsed};
 
-use crate::error::Error;
+use crate::{error::Error, telemetry::metrics::GaugeGuard};
 
 /// When a call reached bfb (a request extension).
 #[derive(Clone, Copy, Debug)]
@@ -34,6 +39,8 @@ pub struct Arrival(pub tokio::time::Instant);
 
 /// Path prefix of the health service, exempt from shedding.
 const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+/// The health service's streaming method.
+const HEALTH_WATCH: &str = "/grpc.health.v1.Health/Watch";
 
 /// Adds [`Inbound`].
 #[derive(Clone, Debug)]
@@ -43,6 +50,9 @@ pub struct InboundLayer {
     retry_after: Duration,
     hard_timeout: Duration,
     max_request_bytes: usize,
+    /// Open health watches, shared by every listener's layer.
+    watches: Arc<Semaphore>,
+    watches_open: Gauge,
 }
 
 impl InboundLayer {
@@ -60,6 +70,18 @@ impl InboundLayer {
             retry_after,
             hard_timeout,
             max_request_bytes,
+            watches: Arc::new(Semaphore::new(max_rpcs)),
+            watches_open: Gauge::default(),
+        }
+    }
+
+    /// Health watches take their slots from `watches` (shared by every
+    /// listener) and are counted in `open`.
+    pub fn with_watches(self, watches: Arc<Semaphore>, open: Gauge) -> InboundLayer {
+        InboundLayer {
+            watches,
+            watches_open: open,
+            ..self
         }
     }
 }
@@ -106,7 +128,22 @@ where
             .extensions_mut()
             .insert(Arrival(tokio::time::Instant::now()));
         let inner = self.inner.clone();
-        let exempt = request.uri().path().starts_with(HEALTH_PREFIX);
+        let path = request.uri().path();
+        let watch = if path == HEALTH_WATCH {
+            match self.layer.watches.clone().try_acquire_owned() {
+                Ok(p) => Some((p, GaugeGuard::new(self.layer.watches_open.clone()))),
+                Err(_) => {
+                    tracing::debug!("health watch refused: at server.max_health_watches");
+                    let refused = Error::TooManyWatches {
+                        retry_after: self.layer.retry_after,
+                    };
+                    return Box::pin(std::future::ready(Ok(Status::from(refused).into_http())));
+                }
+            }
+        } else {
+            None
+        };
+        let exempt = path.starts_with(HEALTH_PREFIX);
         let permit = if exempt {
             None
         } else {
@@ -132,13 +169,43 @@ where
                     ))
                     .into_http())
                 }
-                Ok(response) => Ok(response),
+                Ok(response) => Ok(match watch {
+                    // The slot lives as long as the stream's body.
+                    Some(slot) => response.map(|body| Body::new(Holding { body, _slot: slot })),
+                    None => response,
+                }),
                 Err(e) if e.is::<Elapsed>() => {
                     Ok(Status::from(Error::DeadlineExceeded).into_http())
                 }
                 Err(e) => Err(e),
             }
         })
+    }
+}
+
+/// A response body that holds a watch slot until the stream ends.
+struct Holding {
+    body: Body,
+    _slot: (OwnedSemaphorePermit, GaugeGuard),
+}
+
+impl http_body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Status>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -17,8 +17,11 @@ use crate::{
         activity_v1::ActivityV1, admin_v1::CacheAdminV1, customer_v1::CustomerV1,
         customer_v2::CustomerV2,
     },
-    auth::{AuthLayer, tls::ServerTls},
-    config::Config,
+    auth::{
+        AuthLayer,
+        tls::{ServerTls, TlsConnection},
+    },
+    config::{Config, ServerSettings},
     downstream::EndpointError,
     engine::Engine,
     inbound::InboundLayer,
@@ -75,14 +78,35 @@ pub struct Listeners {
 /// A server running on one listener (plaintext or TLS), until its signal.
 type Serving = Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>>;
 
-/// Serves `router` on `listener`, through `tls` when set, until `signal`.
-fn serve_on<L>(
+/// The connections of one listener.
+enum Incoming<T> {
+    Plain(TcpIncoming),
+    Tls(T),
+}
+
+/// A tonic server with every `[server]` HTTP/2 limit set explicitly (tonic
+/// leaves some unlimited). Every listener starts from this, so none is
+/// less protected than the public one.
+fn builder(s: &ServerSettings) -> Server {
+    Server::builder()
+        .max_concurrent_streams(s.max_concurrent_streams)
+        .http2_max_header_list_size(s.max_header_list_size)
+        .http2_max_pending_accept_reset_streams(Some(s.max_pending_accept_reset_streams))
+        .http2_max_local_error_reset_streams(Some(s.max_local_error_reset_streams))
+        .http2_keepalive_interval(Some(s.keepalive_interval))
+        .http2_keepalive_timeout(Some(s.keepalive_timeout))
+        .max_connection_age(s.max_connection_age)
+        .max_connection_age_grace(s.max_connection_age_grace)
+}
+
+/// Serves `router` on `incoming` until `signal`.
+fn serve_on<L, T>(
     router: tonic::transport::server::Router<L>,
-    listener: TcpListener,
-    tls: Option<&ServerTls>,
+    incoming: Incoming<T>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Serving
 where
+    T: futures::Stream<Item = Result<TlsConnection, std::io::Error>> + Send + 'static,
     L: tower::Layer<tonic::service::Routes> + Send + 'static,
     L::Service: tower::Service<
             http::Request<tonic::body::Body>,
@@ -94,10 +118,15 @@ where
     <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error:
         Into<tower::BoxError> + Send,
 {
-    match tls {
-        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), signal)),
-        None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), signal)),
+    match incoming {
+        Incoming::Tls(conns) => Box::pin(router.serve_with_incoming_shutdown(conns, signal)),
+        Incoming::Plain(conns) => Box::pin(router.serve_with_incoming_shutdown(conns, signal)),
     }
+}
+
+/// An optional address for logs: the address, or `-`.
+fn addr_text(addr: Option<std::net::SocketAddr>) -> String {
+    addr.map_or_else(|| "-".into(), |a| a.to_string())
 }
 
 /// Reflection services (`grpc.reflection.v1` and `v1alpha`) that list the
@@ -182,26 +211,61 @@ pub async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let s = &config.server;
+    // A backstop only: handlers answer within the caller's deadline, which is
+    // capped at deadlines.max.
+    let hard_timeout = config.deadlines.max + Duration::from_secs(1);
+    // Every listener gets the same inbound protection (each its own cap of
+    // RPCs in flight; health watches are capped over all of them).
+    let watches = Arc::new(tokio::sync::Semaphore::new(s.max_health_watches));
+    let inbound = || {
+        InboundLayer::new(
+            s.max_concurrent_rpcs,
+            s.shed_retry_after,
+            hard_timeout,
+            s.max_request_bytes,
+            metrics.load_shed.clone(),
+        )
+        .with_watches(watches.clone(), metrics.health_watches.clone())
+    };
+    let incoming = |listener: TcpListener, tls: Option<&ServerTls>| match tls {
+        Some(tls) => Incoming::Tls(tls.incoming(listener, metrics.handshakes())),
+        None => Incoming::Plain(incoming(listener)),
+    };
     let metrics_addr = listeners.metrics.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(listener) = listeners.admin {
         let admin_name = <CacheAdminServer<CacheAdminV1> as NamedService>::NAME;
-        let (admin_reflection, _) = reflection(&[admin_name])?;
-        tracing::info!(addr = ?listener.local_addr().ok(), "admin API serving");
-        let router = Server::builder()
+        let (admin_reflection, admin_reflection_v1alpha) = reflection(&[admin_name])?;
+        tracing::info!(addr = %addr_text(listener.local_addr().ok()), "admin API serving");
+        let router = builder(s)
+            .layer(inbound())
             .layer(auth.clone())
-            .add_service(admin)
-            .add_service(admin_reflection);
+            .add_service(
+                health_service
+                    .clone()
+                    .max_decoding_message_size(max_request),
+            )
+            .add_service(admin.max_decoding_message_size(max_request))
+            .add_service(admin_reflection.max_decoding_message_size(max_request))
+            .add_service(admin_reflection_v1alpha.max_decoding_message_size(max_request));
         tokio::spawn(serve_on(
             router,
-            listener,
-            tls.as_ref(),
+            incoming(listener, tls.as_ref()),
             stopped(stop_rx.clone()),
         ));
     }
     if let Some(listener) = listeners.health {
-        tracing::info!(addr = ?listener.local_addr().ok(), "plaintext health serving");
-        let router = Server::builder().add_service(health_service.clone());
-        tokio::spawn(serve_on(router, listener, None, stopped(stop_rx.clone())));
+        tracing::info!(addr = %addr_text(listener.local_addr().ok()), "plaintext health serving");
+        let router = builder(s).layer(inbound()).add_service(
+            health_service
+                .clone()
+                .max_decoding_message_size(max_request),
+        );
+        tokio::spawn(serve_on(
+            router,
+            incoming(listener, None),
+            stopped(stop_rx.clone()),
+        ));
     }
     if let Some(listener) = listeners.metrics {
         tokio::spawn(metrics::serve(
@@ -211,36 +275,21 @@ pub async fn serve(
         ));
     }
 
-    let s = &config.server;
-    // A backstop only: handlers answer within the caller's deadline, which is
-    // capped at deadlines.max.
-    let hard_timeout = config.deadlines.max + Duration::from_secs(1);
     let grpc_addr = listeners.grpc.local_addr().ok();
-    let server = Server::builder()
-        // Every HTTP/2 limit set explicitly; tonic leaves some unlimited.
-        .max_concurrent_streams(s.max_concurrent_streams)
-        .http2_max_header_list_size(s.max_header_list_size)
-        .http2_max_pending_accept_reset_streams(Some(s.max_pending_accept_reset_streams))
-        .http2_max_local_error_reset_streams(Some(s.max_local_error_reset_streams))
-        .http2_keepalive_interval(Some(s.keepalive_interval))
-        .http2_keepalive_timeout(Some(s.keepalive_timeout))
-        .max_connection_age(s.max_connection_age)
-        .max_connection_age_grace(s.max_connection_age_grace)
-        .layer(InboundLayer::new(
-            s.max_concurrent_rpcs,
-            s.shed_retry_after,
-            hard_timeout,
-            s.max_request_bytes,
-            metrics.load_shed.clone(),
-        ))
+    let server = builder(s)
+        .layer(inbound())
         .layer(auth)
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(health_service.max_decoding_message_size(max_request))
+        .add_service(reflection_v1.max_decoding_message_size(max_request))
+        .add_service(reflection_v1alpha.max_decoding_message_size(max_request))
         .add_service(customer_v1)
         .add_service(customer_v2)
         .add_service(activity_v1);
-    let server = serve_on(server, listeners.grpc, tls.as_ref(), stopped(stop_rx));
+    let server = serve_on(
+        server,
+        incoming(listeners.grpc, tls.as_ref()),
+        stopped(stop_rx),
+    );
 
     // Liveness and the public services: SERVING now that the listener is
     // bound; readiness last, when everything is in place.
@@ -254,7 +303,7 @@ pub async fn serve(
         .set_service_status(READINESS, ServingStatus::Serving)
         .await;
     tracing::info!(
-        grpc = ?grpc_addr,
+        grpc = %addr_text(grpc_addr),
         metrics = %metrics::describe(metrics_addr),
         "bfb serving"
     );

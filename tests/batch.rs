@@ -282,17 +282,28 @@ async fn a_slow_reader_holds_the_stream_back() {
         .expect("stream")
         .into_inner();
     stream.next().await.expect("first").expect("ok");
-    // Not reading: bfb fills HTTP/2's buffers and then stops fetching.
-    // Polled until the sim's count stops moving (bounded).
+    // Not reading: bfb fills HTTP/2's buffers and then stops fetching. The
+    // sim's counters say when: no call in flight and the count unchanged
+    // over 20 consecutive readings (bounded). A bfb that kept fetching would
+    // reach all 157 batches instead.
+    let mut quiet = 0;
     let mut last = u64::MAX;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let batches = loop {
-        let now = h.service_stats("calls").await.calls;
-        if now == last || tokio::time::Instant::now() > deadline {
-            break now;
+        let stats = h.service_stats("calls").await;
+        quiet = if stats.calls == last && stats.in_flight == 0 {
+            quiet + 1
+        } else {
+            0
+        };
+        last = stats.calls;
+        if quiet >= 20 {
+            break last;
         }
-        last = now;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the fetching never stopped: {last} batches"
+        );
     };
     // All 10,000 users would take at least 10_000 / 64 = 157 batches.
     assert!(

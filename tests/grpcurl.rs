@@ -170,3 +170,29 @@ async fn grpcurl_lists_describes_and_calls_everything() {
         "UNAVAILABLE"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_shows_a_small_readable_error_for_any_input() {
+    let h = common::start(SimConfig::default(), |_| {}).await;
+    let long = "x".repeat(10_000);
+    let many = vec!["\"x\""; 3_000].join(",");
+    for body in [
+        format!(r#"{{"customer_id":"c-1","read_mask":{{"paths":["{long}"]}}}}"#),
+        format!(r#"{{"customer_id":"c-1","read_mask":{{"paths":[{many}]}}}}"#),
+    ] {
+        let out = grpcurl(
+            h.bfb,
+            &["-d", &body],
+            &["bfb.customer.v1.CustomerAggregateService/GetCustomer"],
+        )
+        .await;
+        assert!(!out.ok);
+        assert!(
+            out.stderr.contains("Code: InvalidArgument"),
+            "{}",
+            out.stderr
+        );
+        assert!(out.stderr.contains("read_mask.paths[0]"), "{}", out.stderr);
+        assert!(out.stderr.len() < 4096, "{} bytes", out.stderr.len());
+    }
+}

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::http_get;
+use common::{http_get, sample};
 
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
@@ -36,11 +36,11 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-/// The value of one series in an exposition (0 when absent).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+/// The value of a series in an exposition taken before the calls: a counter
+/// that has not moved yet may be absent (0). Readings after the calls use
+/// [`sample`], which fails on a missing series.
+fn sample_before(text: &str, series: &str) -> f64 {
+    common::metric(text, series).unwrap_or(0.0)
 }
 
 fn get(id: &str) -> GetCustomerRequest {
@@ -79,7 +79,7 @@ async fn metrics_move_and_pass_promtool() {
         .expect_err("all");
     let after = http_get(h.metrics, "/metrics").await;
 
-    let delta = |series: &str| sample(&after, series) - sample(&before, series);
+    let delta = |series: &str| sample(&after, series) - sample_before(&before, series);
     assert_eq!(
         delta(r#"bfb_rpc_duration_seconds_count{method="GetCustomer",code="OK"}"#),
         4.0
@@ -269,8 +269,11 @@ async fn sigterm_drains_readiness_first_and_finishes_calls_in_flight() {
             c.get_customer(get(&format!("c-{}", i + 1))).await
         }));
     }
-    // Let the calls reach the (slow) downstreams before the signal.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The signal comes once every call is in flight at the (slow) sim.
+    common::until_sim(sim, "5 calls in flight", |s| {
+        s.services["profile"].in_flight >= 5
+    })
+    .await;
     sigterm(&bfb);
 
     let next = watch.message().await.expect("stream").expect("message");

@@ -75,7 +75,7 @@ async fn python_grpcio_stubs_call_every_public_rpc() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.matches("ok ").count(), 13, "{stdout}");
+    assert_eq!(stdout.matches("ok ").count(), 15, "{stdout}");
     // The metadata reached bfb: its request id went downstream.
     let seen = h.service_stats("calls").await.last_metadata;
     assert_eq!(

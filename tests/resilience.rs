@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use bfb::{
     component::Component,
@@ -19,7 +16,6 @@ use bfb::{
     sim::SimConfig,
 };
 use common::{mask, millis, sim_with_latency, start};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -337,24 +333,7 @@ async fn hedging_sends_a_second_copy_for_slow_calls_and_cancels_the_loser() {
 
 /// Starts `bfb sim --services orders` as its own process on `addr`.
 async fn orders_process(addr: &str) -> (tokio::process::Child, std::net::SocketAddr) {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bfb"))
-        .args(["sim", "--listen", addr, "--services", "orders"])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn sim");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .await
-        .expect("read");
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("address");
-    (child, addr)
+    common::sim_process(addr, &["--services", "orders"]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

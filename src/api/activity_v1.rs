@@ -107,9 +107,34 @@ impl Users {
                         format!("must be between 1 and {max}"),
                     ));
                 }
-                // The longest id of the range must be a valid id.
-                let last = first.saturating_add(u64::from(*count).saturating_sub(1));
-                super::check_id("user_range.prefix", &format!("{prefix}{last}"), v);
+                let Some(last) = first.checked_add(u64::from(*count).saturating_sub(1)) else {
+                    // Never served short: a range past the largest number is refused.
+                    v.push(FieldViolation::new(
+                        "user_range",
+                        format!(
+                            "first + count - 1 is past the largest number (2^64 - 1); \
+                             at most {} users from this first",
+                            u64::MAX - first + 1
+                        ),
+                    ));
+                    return users;
+                };
+                // Every id of the range must be a valid id; the longest is
+                // the last one.
+                let last_id = format!("{prefix}{last}");
+                if last_id.len() > super::MAX_ID_LEN {
+                    v.push(FieldViolation::new(
+                        "user_range",
+                        format!(
+                            "the range's last id is {} characters, over the {} an id may have; \
+                             shorten the prefix or lower first + count",
+                            last_id.len(),
+                            super::MAX_ID_LEN
+                        ),
+                    ));
+                } else {
+                    super::check_id("user_range.prefix", &last_id, v);
+                }
             }
         }
         users
@@ -123,7 +148,9 @@ impl Users {
                 first,
                 count,
             } => Box::new(
-                (first..first.saturating_add(u64::from(count)))
+                // Inclusive: a checked range may end at u64::MAX itself.
+                (first..=first.saturating_add(u64::from(count).saturating_sub(1)))
+                    .take(count as usize)
                     .map(move |n| format!("{prefix}{n}")),
             ),
         }
@@ -461,6 +488,48 @@ mod tests {
     use crate::{cache::Source, engine::Outcome, error::Reason};
     use downstream::{calls::v1 as c, sms::v1 as s};
     use prost_types::Timestamp;
+
+    fn range(prefix: &str, first: u64, count: u32) -> (Vec<FieldViolation>, Users) {
+        let mut v = Vec::new();
+        let users = Users::check(
+            Some(Users::Range {
+                prefix: prefix.into(),
+                first,
+                count,
+            }),
+            100,
+            &mut v,
+        );
+        (v, users)
+    }
+
+    #[test]
+    fn a_range_is_served_whole_or_refused() {
+        let (v, _) = range("u-", u64::MAX - 1, 3);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].field, "user_range");
+        assert!(v[0].description.contains("at most 2 users"), "{v:?}");
+
+        let (v, users) = range("", u64::MAX - 2, 3);
+        assert!(v.is_empty(), "{v:?}");
+        let ids: Vec<_> = users.into_iter().collect();
+        assert_eq!(ids.len(), 3, "ends at u64::MAX itself: {ids:?}");
+        assert_eq!(ids[2], u64::MAX.to_string());
+
+        let (v, _) = range(&"p".repeat(50), 1_000_000_000_000_000, 3);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert_eq!(v[0].field, "user_range");
+        assert!(
+            v[0].description.contains("last id is 66 characters"),
+            "{v:?}"
+        );
+
+        let (v, _) = range("u/", 1, 3);
+        assert_eq!(
+            v[0].field, "user_range.prefix",
+            "charset problems name the prefix"
+        );
+    }
 
     fn ts(seconds: i64) -> Option<Timestamp> {
         Some(Timestamp { seconds, nanos: 0 })

@@ -46,7 +46,8 @@ impl CacheAdmin for CacheAdminV1 {
                 None => violations.push(FieldViolation::new(
                     format!("components[{i}]"),
                     format!(
-                        "unknown component {name:?}; expected one of: {}",
+                        "unknown component {:?}; expected one of: {}",
+                        crate::error::clip(name, crate::error::MAX_ECHO),
                         names(cached)
                     ),
                 )),

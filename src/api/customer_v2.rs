@@ -91,12 +91,17 @@ impl CustomerV2 {
             req.cache.as_ref(),
             &mut violations,
         );
+        let id = &req.customer_id;
         let favorites_page = Page::check(
-            "favorites_page",
+            ("favorites_page", id),
             req.favorites_page.as_ref(),
             &mut violations,
         );
-        let orders_page = Page::check("orders_page", req.orders_page.as_ref(), &mut violations);
+        let orders_page = Page::check(
+            ("orders_page", id),
+            req.orders_page.as_ref(),
+            &mut violations,
+        );
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
@@ -142,8 +147,9 @@ impl CustomerV2 {
             page_size: if size_ok { req.page_size } else { 0 },
             page_token: String::new(),
         };
-        let favorites_page = Page::check("favorites_page", Some(&first), &mut violations);
-        let orders_page = Page::check("orders_page", Some(&first), &mut violations);
+        // Bound to each customer when its answer is shaped.
+        let favorites_page = Page::check(("favorites_page", ""), Some(&first), &mut violations);
+        let orders_page = Page::check(("orders_page", ""), Some(&first), &mut violations);
         let answers = fetch_customers(
             &self.engine,
             &call,
@@ -159,7 +165,12 @@ impl CustomerV2 {
             .zip(answers)
             .map(|(customer_id, answer)| match answer {
                 Ok(parts) => {
-                    let r = shape(customer_id.clone(), parts, favorites_page, orders_page);
+                    let r = shape(
+                        customer_id.clone(),
+                        parts,
+                        favorites_page.of(&customer_id),
+                        orders_page.of(&customer_id),
+                    );
                     CustomerResult {
                         customer_id,
                         customer: r.customer,
@@ -185,15 +196,24 @@ struct Page {
     size: usize,
     /// Which list the token belongs to (tokens are not interchangeable).
     list: &'static str,
+    /// Binds tokens to the list of one entity: [`page_key`].
+    key: u64,
 }
 
 impl Page {
-    fn check(field: &'static str, req: Option<&PageRequest>, v: &mut Vec<FieldViolation>) -> Page {
+    /// Checks the page request of list `field` (e.g. `orders_page`) of
+    /// entity `id`.
+    fn check(
+        (field, id): (&'static str, &str),
+        req: Option<&PageRequest>,
+        v: &mut Vec<FieldViolation>,
+    ) -> Page {
         let list = field.trim_end_matches("_page");
         let mut page = Page {
             offset: 0,
             size: DEFAULT_PAGE,
             list,
+            key: page_key(list, id),
         };
         let Some(req) = req else {
             return page;
@@ -207,15 +227,24 @@ impl Page {
             )),
         }
         if !req.page_token.is_empty() {
-            match decode_token(&req.page_token, list) {
+            match decode_token(&req.page_token, page.key) {
                 Some(offset) => page.offset = offset,
                 None => v.push(FieldViolation::new(
                     format!("{field}.page_token"),
-                    "not a page token of this list; pass next_page_token from the previous page",
+                    "not a page token of this list of this customer; pass next_page_token \
+                     from the previous page",
                 )),
             }
         }
         page
+    }
+
+    /// The same page of entity `id`'s list.
+    fn of(self, id: &str) -> Page {
+        Page {
+            key: page_key(self.list, id),
+            ..self
+        }
     }
 
     /// This page of `items`, the next page's token, and the total.
@@ -223,7 +252,7 @@ impl Page {
         let total = items.len();
         let end = self.offset.saturating_add(self.size).min(total);
         let next = if end < total {
-            encode_token(self.list, end)
+            encode_token(self.key, end)
         } else {
             String::new()
         };
@@ -236,26 +265,51 @@ impl Page {
     }
 }
 
-/// Page tokens are opaque to callers: hex of `list:offset`. They carry no
-/// secret; checking the list name keeps a favorites token out of orders.
-fn encode_token(list: &str, offset: usize) -> String {
-    format!("{list}:{offset}")
-        .bytes()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// Page tokens are opaque to callers: the hex of a version byte, the offset
+/// and a 64-bit tag over (list, entity id, offset). The tag is a check, not a
+/// secret: an edited token, or one from another list or another customer,
+/// fails it and is INVALID_ARGUMENT; every replica computes the same tag, so
+/// a token works on any of them. (FNV-1a, written out here because it is
+/// eight lines and must never change between builds, which std's hasher
+/// does not promise.)
+const TOKEN_VERSION: u8 = 1;
+
+fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(seed, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
-fn decode_token(token: &str, list: &str) -> Option<usize> {
-    if !token.len().is_multiple_of(2) || token.len() > 64 {
+fn page_key(list: &str, id: &str) -> u64 {
+    let h = fnv1a(0xcbf2_9ce4_8422_2325, b"bfb.page\0");
+    let h = fnv1a(h, list.as_bytes());
+    fnv1a(fnv1a(h, b"\0"), id.as_bytes())
+}
+
+fn encode_token(key: u64, offset: usize) -> String {
+    let offset = u32::try_from(offset).unwrap_or(u32::MAX);
+    let tag = fnv1a(key, &offset.to_be_bytes());
+    let mut bytes = vec![TOKEN_VERSION];
+    bytes.extend_from_slice(&offset.to_be_bytes());
+    bytes.extend_from_slice(&tag.to_be_bytes());
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_token(token: &str, key: u64) -> Option<usize> {
+    if token.len() != 26 {
         return None;
     }
     let bytes: Option<Vec<u8>> = (0..token.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
         .collect();
-    let text = String::from_utf8(bytes?).ok()?;
-    let (name, offset) = text.split_once(':')?;
-    (name == list).then(|| offset.parse().ok()).flatten()
+    let bytes = bytes?;
+    let (version, rest) = bytes.split_first()?;
+    let offset: [u8; 4] = rest.get(..4)?.try_into().ok()?;
+    let tag: [u8; 8] = rest.get(4..)?.try_into().ok()?;
+    (*version == TOKEN_VERSION && fnv1a(key, &offset) == u64::from_be_bytes(tag))
+        .then(|| usize::try_from(u32::from_be_bytes(offset)).ok())
+        .flatten()
 }
 
 fn count(n: usize) -> i32 {
@@ -392,23 +446,41 @@ mod tests {
 
     #[test]
     fn page_tokens_walk_a_list_and_belong_to_it() {
-        let page = Page {
-            offset: 0,
-            size: 4,
-            list: "orders",
-        };
+        let page = Page::check(("orders_page", "c-1"), None, &mut Vec::new());
+        let page = Page { size: 4, ..page };
         let (items, next, total) = page.apply((0..10).collect::<Vec<_>>());
         assert_eq!((items, total), (vec![0, 1, 2, 3], 10));
-        assert_eq!(decode_token(&next, "orders"), Some(4));
+        assert_eq!(decode_token(&next, page_key("orders", "c-1")), Some(4));
         assert_eq!(
-            decode_token(&next, "favorites"),
+            decode_token(&next, page_key("favorites", "c-1")),
             None,
-            "not interchangeable"
+            "not interchangeable between lists"
+        );
+        assert_eq!(
+            decode_token(&next, page_key("orders", "c-2")),
+            None,
+            "nor between customers"
+        );
+        assert!(
+            !next.contains(
+                &"orders"
+                    .bytes()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            )
+        );
+        let mut edited = next.clone().into_bytes();
+        edited[8] = if edited[8] == b'0' { b'1' } else { b'0' };
+        let edited = String::from_utf8(edited).expect("hex");
+        assert_eq!(
+            decode_token(&edited, page_key("orders", "c-1")),
+            None,
+            "edited"
         );
         let (items, next, _) = Page { offset: 8, ..page }.apply((0..10).collect::<Vec<_>>());
         assert_eq!((items, next.as_str()), (vec![8, 9], ""));
-        for bad in ["zz", "abc", "6f", &"0".repeat(80)] {
-            assert_eq!(decode_token(bad, "orders"), None, "{bad}");
+        for bad in ["zz", "abc", "6f", &"0".repeat(26), &"0".repeat(80)] {
+            assert_eq!(decode_token(bad, page.key), None, "{bad}");
         }
     }
 
@@ -420,11 +492,11 @@ mod tests {
             page_token: token.into(),
         };
         assert_eq!(
-            Page::check("orders_page", Some(&req(0, "")), &mut v).size,
+            Page::check(("orders_page", "c-1"), Some(&req(0, "")), &mut v).size,
             DEFAULT_PAGE
         );
-        Page::check("orders_page", Some(&req(101, "")), &mut v);
-        Page::check("orders_page", Some(&req(-1, "nope")), &mut v);
+        Page::check(("orders_page", "c-1"), Some(&req(101, "")), &mut v);
+        Page::check(("orders_page", "c-1"), Some(&req(-1, "nope")), &mut v);
         let fields: Vec<_> = v.iter().map(|f| f.field.as_str()).collect();
         assert_eq!(
             fields,
@@ -452,9 +524,8 @@ mod tests {
                 order(500, "JPY", d::OrderStatus::Cancelled),
             ],
             Page {
-                offset: 0,
                 size: 10,
-                list: "orders",
+                ..Page::check(("orders_page", "c-1"), None, &mut Vec::new())
             },
         );
         let totals: Vec<(String, i64, i32)> = o

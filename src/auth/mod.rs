@@ -16,6 +16,7 @@
 //!
 //! With `mode = "none"` every call is the [`Caller::anonymous`] consumer.
 
+mod accept;
 pub mod consumers;
 pub mod jwt;
 pub mod reload;

@@ -13,6 +13,12 @@
 //! CA, expired) then gets a gRPC UNAUTHENTICATED with the reason logged,
 //! instead of a bare TLS alert the caller cannot tell from a network fault;
 //! and health probes without certificates can still be served.
+//!
+//! # Handshakes cannot be starved
+//!
+//! The accept loop ([`super::accept`]) never waits for room: silent sockets
+//! and running handshakes are capped separately, and at a cap the oldest is
+//! dropped, so idle sockets cannot lock real clients out.
 
 use std::{
     io,
@@ -27,7 +33,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{Semaphore, mpsc},
+    sync::mpsc,
 };
 use tokio_rustls::{
     TlsAcceptor,
@@ -45,8 +51,11 @@ use tokio_rustls::{
 };
 use tonic::transport::server::Connected;
 
-use super::reload::{self, Reloading};
-use crate::config::TlsSettings;
+use super::{
+    accept::Limits,
+    reload::{self, Reloading},
+};
+use crate::{config::TlsSettings, telemetry::metrics::HandshakeMetrics};
 
 /// What a connection's client certificate came to, decided once per
 /// connection.
@@ -78,13 +87,9 @@ struct State {
 #[derive(Clone)]
 pub struct ServerTls {
     state: Reloading<State>,
-    handshakes: Arc<Semaphore>,
+    /// Caps on accepted sockets before they are served ([`super::accept`]).
+    limits: Limits,
 }
-
-/// Handshakes running at once; more connections wait to be accepted.
-const MAX_HANDSHAKES: usize = 256;
-/// A client that has not finished its handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -101,51 +106,37 @@ impl ServerTls {
         })?;
         Ok(ServerTls {
             state,
-            handshakes: Arc::new(Semaphore::new(MAX_HANDSHAKES)),
+            limits: Limits {
+                max_silent: settings.max_pending_connections,
+                max_handshakes: settings.max_handshakes,
+                timeout: settings.handshake_timeout,
+            },
         })
     }
 
     /// Accepts TCP connections from `listener` and yields those that
     /// completed a TLS handshake. Handshakes run concurrently, each with a
-    /// timeout; the accept loop stops when the stream is dropped.
+    /// timeout, at most `max_handshakes` at once: at the cap the oldest is
+    /// dropped (module docs). The accept loop stops when the stream is
+    /// dropped.
     pub fn incoming(
         &self,
         listener: TcpListener,
+        metrics: HandshakeMetrics,
     ) -> impl Stream<Item = Result<TlsConnection, io::Error>> + use<> {
         let (tx, rx) = mpsc::channel::<TlsConnection>(64);
         let tls = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    () = tx.closed() => return,
-                };
-                let (tcp, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off briefly.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let Ok(permit) = tls.handshakes.clone().acquire_owned().await else {
-                    return;
-                };
-                let (tls, tx) = (tls.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.handshake(tcp)).await {
-                        Ok(Ok(conn)) => {
-                            let _ = tx.send(conn).await;
-                        }
-                        Ok(Err(e)) => tracing::info!(error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::info!("TLS handshake timed out"),
-                    }
-                });
-            }
-        });
+        let limits = self.limits;
+        tokio::spawn(super::accept::run(
+            listener,
+            limits,
+            metrics,
+            tx,
+            move |tcp| {
+                let tls = tls.clone();
+                async move { tls.handshake(tcp).await }
+            },
+        ));
         futures::stream::unfold(
             rx,
             |mut rx| async move { rx.recv().await.map(|c| (Ok(c), rx)) },

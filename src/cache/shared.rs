@@ -179,7 +179,7 @@ impl SharedTier {
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "redis get failed");
                 permit.finish(Outcome::Failure);
-                self.count("error");
+                self.count(failure(&e));
                 None
             }
             Err(_) => {
@@ -288,9 +288,9 @@ impl SharedTier {
                     permit.finish(Outcome::Success { slow: false });
                     "written"
                 }
-                Ok(Err(_)) => {
+                Ok(Err(e)) => {
                     permit.finish(Outcome::Failure);
-                    "error"
+                    failure(&e)
                 }
                 Err(_) => {
                     permit.finish(Outcome::Failure);
@@ -303,6 +303,13 @@ impl SharedTier {
                 .inc();
         });
     }
+}
+
+/// The result label of a failed Redis call. The connection's own response
+/// timeout (equal to the tier's) usually fires before bfb's timer and comes
+/// back as an error: count it as the timeout it is.
+fn failure(e: &redis::RedisError) -> &'static str {
+    if e.is_timeout() { "timeout" } else { "error" }
 }
 
 #[cfg(test)]

@@ -130,4 +130,42 @@ pub struct TlsSettings {
     /// PEM CA bundle client certificates must chain to; needed for mTLS.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// Accepted connections whose client has not sent a byte yet, per
+    /// listener. At the cap the oldest is closed (see `auth::accept`).
+    #[serde(default = "default_max_pending_connections")]
+    pub max_pending_connections: usize,
+    /// TLS handshakes running at once, per listener. At the cap the oldest
+    /// is dropped; a new connection is always accepted.
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// A connection that has not completed its handshake by then (counted
+    /// from its accept) is closed.
+    #[serde(with = "humantime_serde", default = "default_handshake_timeout")]
+    pub handshake_timeout: Duration,
+}
+
+impl TlsSettings {
+    /// These files, with the default handshake limits.
+    pub fn new(cert: PathBuf, key: PathBuf, client_ca: Option<PathBuf>) -> TlsSettings {
+        TlsSettings {
+            cert,
+            key,
+            client_ca,
+            max_pending_connections: default_max_pending_connections(),
+            max_handshakes: default_max_handshakes(),
+            handshake_timeout: default_handshake_timeout(),
+        }
+    }
+}
+
+fn default_max_pending_connections() -> usize {
+    4096
+}
+
+fn default_max_handshakes() -> usize {
+    256
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(5)
 }

@@ -355,6 +355,18 @@ impl Config {
         if s.max_request_bytes < 1024 {
             p.add("server.max_request_bytes", "must be at least 1024");
         }
+        if s.max_health_watches == 0 {
+            p.add("server.max_health_watches", "must be at least 1");
+        }
+        if let Some(tls) = &self.tls {
+            if tls.max_handshakes == 0 {
+                p.add("tls.max_handshakes", "must be at least 1");
+            }
+            if tls.max_pending_connections == 0 {
+                p.add("tls.max_pending_connections", "must be at least 1");
+            }
+            p.positive("tls.handshake_timeout", tls.handshake_timeout);
+        }
         p.positive("server.keepalive_interval", s.keepalive_interval);
         p.positive("server.max_connection_age", s.max_connection_age);
         let c = &self.cache;

@@ -35,6 +35,10 @@ pub struct ServerSettings {
     /// How long a keepalive ping may go unanswered before the connection closes.
     #[serde(with = "humantime_serde")]
     pub keepalive_timeout: Duration,
+    /// Open `grpc.health.v1.Health/Watch` streams over all listeners; more
+    /// are answered RESOURCE_EXHAUSTED. (Per connection the streams are also
+    /// capped by `max_concurrent_streams`.)
+    pub max_health_watches: usize,
     /// Largest request message accepted, bytes; larger ones get RESOURCE_EXHAUSTED.
     pub max_request_bytes: usize,
     /// Largest downstream response message accepted, bytes.
@@ -67,6 +71,7 @@ impl Default for ServerSettings {
             max_local_error_reset_streams: 256,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            max_health_watches: 1000,
             max_request_bytes: 64 * 1024,
             max_downstream_response_bytes: 4 * 1024 * 1024,
             max_connection_age: Duration::from_secs(300),

@@ -17,7 +17,7 @@ use crate::{
     },
 };
 
-use super::{Ask, Deadline, Engine, Outcome, fetch, needed};
+use super::{Ask, Deadline, Engine, Entity, Outcome, fetch, needed};
 use crate::cache::Source;
 
 /// A validated time window; either bound may be open.
@@ -61,7 +61,12 @@ impl Engine {
         } = ask;
         let needed = needed(requested, self.activity_required, completeness);
         let ds = &self.downstreams;
-        let entity = ("user", id);
+        // No channel owns a user: any channel's NOT_FOUND is the user's.
+        let entity = Entity {
+            kind: "user",
+            id,
+            owner: None,
+        };
         let span = Some((
             window.start.map(|t| t.seconds),
             window.end.map(|t| t.seconds),

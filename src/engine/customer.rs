@@ -13,7 +13,7 @@ use crate::{
     },
 };
 
-use super::{Ask, Deadline, Engine, Outcome, fetch, needed};
+use super::{Ask, Deadline, Engine, Entity, Outcome, fetch, needed};
 
 /// The downstream data of one customer, as fetched; adapters shape it.
 #[derive(Debug)]
@@ -63,7 +63,11 @@ impl Engine {
         } = ask;
         let needed = needed(requested, self.customer_required, completeness);
         let ds = &self.downstreams;
-        let entity = ("customer", id);
+        let entity = Entity {
+            kind: "customer",
+            id,
+            owner: Some(Component::Profile),
+        };
         let customer_id = || id.to_string();
 
         let profile = fetch(Component::Profile, requested, needed, entity, || async {

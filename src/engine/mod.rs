@@ -9,8 +9,15 @@
 //! Failure rules: a component the answer needs (a required one, or any under
 //! [`Completeness::All`]) fails the whole call at once and cancels the calls
 //! still in flight; an optional one is reported as [`Outcome::Failed`] and the
-//! rest of the answer is kept. NOT_FOUND from any component means the entity
-//! does not exist.
+//! rest of the answer is kept.
+//!
+//! Whether the entity exists is decided by the component that owns it (the
+//! profile owns a customer): its NOT_FOUND is the call's NOT_FOUND. Another
+//! component's NOT_FOUND, when the owner was asked too, only means that
+//! component has nothing for the entity: it fails with reason `NOT_FOUND`
+//! like any other failure (reported in its status when optional). When the
+//! owner was not asked, or the aggregate has no owner (a user's activity),
+//! any component's NOT_FOUND is the entity's.
 
 pub mod activity;
 pub mod customer;
@@ -213,13 +220,23 @@ fn needed(
     }
 }
 
+/// The entity an aggregate is about.
+#[derive(Clone, Copy, Debug)]
+struct Entity<'a> {
+    /// `customer` or `user`.
+    kind: &'static str,
+    id: &'a str,
+    /// The component whose NOT_FOUND says the entity does not exist.
+    owner: Option<Component>,
+}
+
 /// Fetches one component if it was requested, applying the failure rules.
 /// `Err` ends the whole call (and, inside `try_join!`, cancels its siblings).
 async fn fetch<T, Fut>(
     component: Component,
     requested: ComponentSet,
     needed: ComponentSet,
-    entity: (&'static str, &str),
+    entity: Entity<'_>,
     call: impl FnOnce() -> Fut,
 ) -> Result<Outcome<T>, Error>
 where
@@ -228,12 +245,20 @@ where
     if !requested.contains(component) {
         return Ok(Outcome::Skipped);
     }
+    let speaks_for_entity = entity
+        .owner
+        .is_none_or(|owner| owner == component || !requested.contains(owner));
     match call().await {
         Ok((v, source)) => Ok(Outcome::Ok(v, source)),
-        Err(CallError::NotFound) => Err(Error::NotFound {
-            kind: entity.0,
-            id: entity.1.to_string(),
+        Err(CallError::NotFound) if speaks_for_entity => Err(Error::NotFound {
+            kind: entity.kind,
+            id: entity.id.to_string(),
         }),
+        Err(CallError::NotFound) if needed.contains(component) => Err(Error::Component {
+            component,
+            reason: Reason::NotFound,
+        }),
+        Err(CallError::NotFound) => Ok(Outcome::Failed(Reason::NotFound)),
         Err(CallError::Failed(reason)) if needed.contains(component) => {
             Err(Error::Component { component, reason })
         }
@@ -270,7 +295,11 @@ mod tests {
     async fn fetch_applies_the_failure_rules() {
         let req = ComponentSet::of(&ALL4);
         let needed = ComponentSet::of(&[Component::Profile]);
-        let entity = ("customer", "c-1");
+        let entity = Entity {
+            kind: "customer",
+            id: "c-1",
+            owner: Some(Component::Profile),
+        };
         let failing = || async { Err::<(u8, Source), _>(CallError::Failed(Reason::Unavailable)) };
 
         let skipped = fetch(Component::Calls, req, needed, entity, failing).await;
@@ -288,10 +317,8 @@ mod tests {
             })
         ));
 
-        let missing = fetch(Component::Orders, req, needed, entity, || async {
-            Err::<(u8, Source), _>(CallError::NotFound)
-        })
-        .await;
+        let not_found = || async { Err::<(u8, Source), _>(CallError::NotFound) };
+        let missing = fetch(Component::Profile, req, needed, entity, not_found).await;
         assert!(matches!(
             missing,
             Err(Error::NotFound {
@@ -299,6 +326,21 @@ mod tests {
                 ..
             })
         ));
+        // The profile (owner) was asked: orders' NOT_FOUND is orders' own.
+        let empty = fetch(Component::Orders, req, needed, entity, not_found).await;
+        assert!(matches!(empty, Ok(Outcome::Failed(Reason::NotFound))));
+        let all = fetch(Component::Orders, req, req, entity, not_found).await;
+        assert!(matches!(
+            all,
+            Err(Error::Component {
+                component: Component::Orders,
+                reason: Reason::NotFound
+            })
+        ));
+        // Without the owner, nothing else tells: the customer is missing.
+        let orders_only = ComponentSet::of(&[Component::Orders]);
+        let alone = fetch(Component::Orders, orders_only, needed, entity, not_found).await;
+        assert!(matches!(alone, Err(Error::NotFound { .. })));
 
         let ok = fetch(Component::Orders, req, needed, entity, || async {
             Ok((7u8, Source::Live))

@@ -116,7 +116,13 @@ where
             let (code, result) =
                 match tokio::time::timeout(budget.timeout, inner.oneshot(request)).await {
                     Ok(Ok(response)) => (Code::Ok, Ok(response.into_inner())),
-                    Ok(Err(status)) => (status.code(), Err(classify(&status, budget.caller_bound))),
+                    Ok(Err(status)) => {
+                        let spent = Spent {
+                            caller_bound: budget.caller_bound,
+                            expired: expired(started.elapsed(), budget.timeout),
+                        };
+                        (status.code(), Err(classify(&status, spent)))
+                    }
                     Err(_elapsed) => (
                         Code::DeadlineExceeded,
                         Err(Failed::because(timeout_reason(budget.caller_bound))),
@@ -134,6 +140,25 @@ where
     }
 }
 
+/// How the attempt's budget stood when the downstream answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Spent {
+    /// The budget was the caller's remaining deadline (not the downstream's
+    /// own timeout).
+    pub caller_bound: bool,
+    /// The budget had (nearly) run out.
+    pub expired: bool,
+}
+
+/// Whether an answer after `elapsed` came at the end of a `budget`: at 90 %
+/// of it or later. The downstream's server starts its grpc-timeout timer a
+/// little after bfb, and answers CANCELLED or DEADLINE_EXCEEDED a little
+/// before bfb's own timer fires; an answer well before that is the
+/// downstream's own failure, not a timeout.
+fn expired(elapsed: Duration, budget: Duration) -> bool {
+    elapsed + budget / 10 >= budget
+}
+
 fn timeout_reason(caller_bound: bool) -> Reason {
     if caller_bound {
         Reason::DeadlineExceeded
@@ -144,8 +169,20 @@ fn timeout_reason(caller_bound: bool) -> Reason {
 
 /// Maps a downstream's status to what it means for bfb. The downstream's
 /// message is logged here and goes no further.
-pub fn classify(status: &Status, caller_bound: bool) -> Failed {
+///
+/// A status tonic made up on bfb's side (it carries a `source`: a reset,
+/// refused or closed connection before any response) is a transport failure:
+/// UNAVAILABLE and retryable, whatever code tonic gave it (often UNKNOWN or
+/// CANCELLED). A status the downstream sent never has a source.
+pub fn classify(status: &Status, spent: Spent) -> Failed {
     tracing::debug!(code = ?status.code(), message = status.message(), "downstream call failed");
+    if is_transport_failure(status) {
+        return Failed {
+            error: CallError::Failed(Reason::Unavailable),
+            retryable: true,
+            pushback: Pushback::None,
+        };
+    }
     let reason = match status.code() {
         Code::NotFound => {
             return Failed {
@@ -156,7 +193,11 @@ pub fn classify(status: &Status, caller_bound: bool) -> Failed {
         }
         // tonic servers answer CANCELLED ("Timeout expired") when the
         // grpc-timeout bfb sent runs out, often just before bfb's own timer.
-        Code::DeadlineExceeded | Code::Cancelled => timeout_reason(caller_bound),
+        Code::DeadlineExceeded | Code::Cancelled if spent.expired => {
+            timeout_reason(spent.caller_bound)
+        }
+        // ... but the same codes with time left are the downstream's own.
+        Code::DeadlineExceeded | Code::Cancelled => Reason::DownstreamError,
         Code::Unavailable | Code::ResourceExhausted | Code::Aborted => Reason::Unavailable,
         Code::Internal | Code::Unknown | Code::DataLoss => Reason::DownstreamError,
         Code::Ok
@@ -174,6 +215,23 @@ pub fn classify(status: &Status, caller_bound: bool) -> Failed {
         retryable: status.code() == Code::Unavailable,
         pushback: pushback(status),
     }
+}
+
+/// Whether tonic made `status` up from a connection failure: it has a
+/// source, and that is not tonic's own grpc-timeout timer (`TimeoutExpired`,
+/// which it reports as CANCELLED: a timeout, classified by its code).
+fn is_transport_failure(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    if source.is_none() {
+        return false;
+    }
+    while let Some(e) = source {
+        if e.is::<tonic::TimeoutExpired>() {
+            return false;
+        }
+        source = e.source();
+    }
+    true
 }
 
 /// Reads `grpc-retry-pushback-ms` (gRFC A6): a negative value means "do not
@@ -197,6 +255,11 @@ fn pushback(status: &Status) -> Pushback {
 mod tests {
     use super::*;
 
+    const FRESH: Spent = Spent {
+        caller_bound: false,
+        expired: false,
+    };
+
     fn with_pushback(v: &str) -> Status {
         let mut s = Status::unavailable("x");
         s.metadata_mut()
@@ -206,7 +269,7 @@ mod tests {
 
     #[test]
     fn only_unavailable_is_retryable() {
-        assert!(classify(&Status::unavailable("x"), false).retryable);
+        assert!(classify(&Status::unavailable("x"), FRESH).retryable);
         for s in [
             Status::not_found("x"),
             Status::invalid_argument("x"),
@@ -214,30 +277,85 @@ mod tests {
             Status::resource_exhausted("x"),
             Status::deadline_exceeded("x"),
         ] {
-            assert!(!classify(&s, false).retryable, "{:?}", s.code());
+            assert!(!classify(&s, FRESH).retryable, "{:?}", s.code());
         }
         assert_eq!(
-            classify(&Status::not_found("x"), false).error,
+            classify(&Status::not_found("x"), FRESH).error,
             CallError::NotFound
         );
     }
 
     #[test]
+    fn a_transport_failure_is_unavailable_and_retryable_but_an_answered_unknown_is_not() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let transport = Status::from_error(Box::new(io));
+        assert_eq!(transport.code(), Code::Unknown, "tonic's own code for it");
+        let f = classify(&transport, FRESH);
+        assert_eq!(f.reason(), Some(Reason::Unavailable));
+        assert!(f.retryable);
+        let answered = classify(&Status::unknown("boom"), FRESH);
+        assert_eq!(answered.reason(), Some(Reason::DownstreamError));
+        assert!(!answered.retryable);
+        let timer = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        let ended = Spent {
+            caller_bound: false,
+            expired: true,
+        };
+        assert_eq!(
+            classify(&timer, ended).reason(),
+            Some(Reason::Timeout),
+            "tonic's own timer is a timeout"
+        );
+    }
+
+    #[test]
+    fn cancelled_or_deadline_is_a_timeout_only_when_the_budget_ran_out() {
+        let ended = Spent {
+            caller_bound: false,
+            expired: true,
+        };
+        for s in [Status::cancelled("x"), Status::deadline_exceeded("x")] {
+            assert_eq!(classify(&s, ended).reason(), Some(Reason::Timeout));
+            assert_eq!(
+                classify(&s, FRESH).reason(),
+                Some(Reason::DownstreamError),
+                "answered with time left"
+            );
+        }
+        let caller = Spent {
+            caller_bound: true,
+            expired: true,
+        };
+        assert_eq!(
+            classify(&Status::cancelled("x"), caller).reason(),
+            Some(Reason::DeadlineExceeded)
+        );
+        assert!(expired(
+            Duration::from_millis(95),
+            Duration::from_millis(100)
+        ));
+        assert!(!expired(
+            Duration::from_millis(10),
+            Duration::from_millis(100)
+        ));
+    }
+
+    #[test]
     fn pushback_is_read() {
         assert_eq!(
-            classify(&with_pushback("-1"), false).pushback,
+            classify(&with_pushback("-1"), FRESH).pushback,
             Pushback::Never
         );
         assert_eq!(
-            classify(&with_pushback("250"), false).pushback,
+            classify(&with_pushback("250"), FRESH).pushback,
             Pushback::After(Duration::from_millis(250))
         );
         assert_eq!(
-            classify(&with_pushback("soon"), false).pushback,
+            classify(&with_pushback("soon"), FRESH).pushback,
             Pushback::None
         );
         assert_eq!(
-            classify(&Status::unavailable("x"), false).pushback,
+            classify(&Status::unavailable("x"), FRESH).pushback,
             Pushback::None
         );
     }

@@ -63,7 +63,10 @@ impl Outcome {
                     Reason::Unavailable | Reason::Timeout | Reason::DownstreamError => {
                         Outcome::Failure
                     }
-                    Reason::DownstreamRejected | Reason::BadResponse => Outcome::Success { slow },
+                    // The downstream answered: it is healthy.
+                    Reason::DownstreamRejected | Reason::BadResponse | Reason::NotFound => {
+                        Outcome::Success { slow }
+                    }
                     Reason::DeadlineExceeded
                     | Reason::NoBudget
                     | Reason::CircuitOpen

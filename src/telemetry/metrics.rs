@@ -159,6 +159,12 @@ pub struct Metrics {
     pub auth_rejected: Family<ReasonLabels, Counter>,
     /// Calls refused by a consumer's rate or concurrency limit.
     pub consumer_limited: Family<ConsumerLabels, Counter>,
+    /// TLS handshakes dropped, by reason (`shed`, `timeout`, `failed`).
+    pub handshakes_dropped: Family<ReasonLabels, Counter>,
+    /// TLS handshakes in progress, over all TLS listeners.
+    pub handshakes_in_progress: Gauge,
+    /// Open `grpc.health.v1.Health/Watch` streams, over all listeners.
+    pub health_watches: Gauge,
 }
 
 impl Default for Metrics {
@@ -188,6 +194,9 @@ impl Metrics {
             cache_shared: Family::default(),
             auth_rejected: Family::default(),
             consumer_limited: Family::default(),
+            handshakes_dropped: Family::default(),
+            handshakes_in_progress: Gauge::default(),
+            health_watches: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -267,7 +276,30 @@ impl Metrics {
             "Calls refused by a consumer's rate or concurrency limit",
             m.consumer_limited.clone(),
         );
+        r.register(
+            "bfb_tls_handshakes_dropped",
+            "TLS handshakes dropped: shed at tls.max_handshakes, timed out, or failed",
+            m.handshakes_dropped.clone(),
+        );
+        r.register(
+            "bfb_tls_handshakes_in_progress",
+            "TLS handshakes in progress",
+            m.handshakes_in_progress.clone(),
+        );
+        r.register(
+            "bfb_health_watches",
+            "Open health Watch streams (capped by server.max_health_watches)",
+            m.health_watches.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// The handles the TLS accept loop updates.
+    pub fn handshakes(&self) -> HandshakeMetrics {
+        HandshakeMetrics {
+            dropped: self.handshakes_dropped.clone(),
+            in_progress: self.handshakes_in_progress.clone(),
+        }
     }
 
     /// The per-downstream handles a resilience stack updates.
@@ -381,6 +413,43 @@ impl DownstreamHandles {
                 to: name,
             })
             .inc();
+    }
+}
+
+/// What the TLS accept loop counts.
+#[derive(Clone)]
+pub struct HandshakeMetrics {
+    dropped: Family<ReasonLabels, Counter>,
+    in_progress: Gauge,
+}
+
+impl HandshakeMetrics {
+    /// A handshake was dropped for `reason`.
+    pub fn dropped(&self, reason: &'static str) {
+        self.dropped.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// A handshake started; it counts as in progress until the guard drops
+    /// (also when its task is aborted).
+    pub fn started(&self) -> GaugeGuard {
+        GaugeGuard::new(self.in_progress.clone())
+    }
+}
+
+/// Holds one unit of a gauge: +1 when made, −1 when dropped.
+pub struct GaugeGuard(Gauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` until the guard drops.
+    pub fn new(gauge: Gauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

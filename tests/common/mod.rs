@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::{net::SocketAddr, time::Duration};
 
 use bfb::{
@@ -26,6 +28,8 @@ pub struct Harness {
     pub sim: SocketAddr,
     pub metrics: SocketAddr,
     pub admin: SocketAddr,
+    /// The plaintext health-only listener.
+    pub health: SocketAddr,
     _stop: watch::Sender<()>,
 }
 
@@ -55,11 +59,13 @@ pub async fn start(sim_config: SimConfig, tweak: impl FnOnce(&mut Config)) -> Ha
     let metrics = metrics_listener.local_addr().expect("metrics addr");
     let admin_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind admin");
     let admin = admin_listener.local_addr().expect("admin addr");
+    let health_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind health");
+    let health = health_listener.local_addr().expect("health addr");
     let listeners = bfb::server::Listeners {
         grpc,
         metrics: Some(metrics_listener),
         admin: Some(admin_listener),
-        health: None,
+        health: Some(health_listener),
     };
     tokio::spawn(async move { bfb::server::serve(&config, listeners, stopped(rx)).await });
     Harness {
@@ -67,6 +73,7 @@ pub async fn start(sim_config: SimConfig, tweak: impl FnOnce(&mut Config)) -> Ha
         sim,
         metrics,
         admin,
+        health,
         _stop: stop,
     }
 }
@@ -108,6 +115,31 @@ pub async fn start_bfb(sim: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Bfb 
         admin,
         _stop: stop,
     }
+}
+
+/// `bfb sim` as its own process on `addr` with further `args` (e.g.
+/// `--services orders`); returns the process and the address it serves on.
+pub async fn sim_process(addr: &str, args: &[&str]) -> (tokio::process::Child, SocketAddr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bfb"))
+        .args(["sim", "--listen", addr])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn sim");
+    let mut line = String::new();
+    tokio::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .await
+        .expect("read");
+    let addr = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.parse().ok())
+        .expect("address");
+    (child, addr)
 }
 
 /// A sim with every service at `latency`.
@@ -155,6 +187,11 @@ impl Harness {
             .expect("service stats")
     }
 
+    /// The current metrics exposition.
+    pub async fn metrics_text(&self) -> String {
+        http_get(self.metrics, "/metrics").await
+    }
+
     /// Calls received per service, in a map for readable assertions.
     pub async fn calls(&self) -> std::collections::BTreeMap<String, u64> {
         self.stats()
@@ -194,6 +231,32 @@ impl Harness {
     }
 }
 
+/// Waits (bounded: 10 s) until the sim at `sim` reports stats for which
+/// `check` holds, and returns them; fails the test naming `what` otherwise.
+pub async fn until_sim(
+    sim: SocketAddr,
+    what: &str,
+    check: impl Fn(&GetStatsResponse) -> bool,
+) -> GetStatsResponse {
+    let mut control = SimControlClient::new(channel(sim).await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = control
+            .get_stats(GetStatsRequest {})
+            .await
+            .expect("sim stats")
+            .into_inner();
+        if check(&stats) {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// GET over HTTP/1.0 (close-delimited body), enough for /metrics; the body
 /// of a 200 answer.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
@@ -210,6 +273,27 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
         "{head}"
     );
     body.to_string()
+}
+
+/// The value of one series (`name{labels}`) in a Prometheus exposition;
+/// `None` when the series is missing, so a check of a missing series fails.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The value of a series that must be present.
+pub fn sample(text: &str, series: &str) -> f64 {
+    metric(text, series).unwrap_or_else(|| panic!("no series {series} in the metrics"))
+}
+
+/// Sends `signal` (`STOP`, `CONT`, `KILL`, `TERM`) to process `pid`.
+pub fn signal(pid: u32, signal: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success(), "kill -{signal} {pid}");
 }
 
 pub fn millis(ms: u64) -> Option<prost_types::Duration> {

@@ -47,6 +47,23 @@ with grpc.insecure_channel(ADDR) as channel:
     except grpc.RpcError as e:
         check(e.code() == grpc.StatusCode.INVALID_ARGUMENT, "invalid id rejected")
 
+    # Errors stay small whatever the input: grpcio sees INVALID_ARGUMENT
+    # with readable details, not its own "metadata size exceeds" failure.
+    huge = [
+        c1.GetCustomerRequest(customer_id="c-1", read_mask={"paths": ["x" * 10000]}),
+        c1.GetCustomerRequest(customer_id="c-1", read_mask={"paths": ["x"] * 3000}),
+    ]
+    for i, req in enumerate(huge):
+        try:
+            v1.GetCustomer(req, timeout=5)
+            check(False, "oversized input %d rejected" % i)
+        except grpc.RpcError as e:
+            size = len(e.details() or "") + sum(len(v) for _, v in e.trailing_metadata() or ())
+            check(
+                e.code() == grpc.StatusCode.INVALID_ARGUMENT and size < 4096,
+                "oversized input %d: INVALID_ARGUMENT in %d bytes" % (i, size),
+            )
+
     batch = v1.BatchGetCustomers(
         c1.BatchGetCustomersRequest(customer_ids=["c-1", "c-999999999", "c-3"]),
         timeout=5,
