@@ -275,3 +275,37 @@ async fn invalidation_drops_an_entity_in_both_tiers_and_on_other_replicas() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_redis_is_counted_as_timeouts_and_fails_nothing() {
+    let (redis, raddr) = redis().await;
+    let h = common::start(bfb::sim::SimConfig::default(), with_redis(raddr)).await;
+    let mut c = h.customers().await;
+    until_connected(&c, raddr, 2000).await;
+    let series = |r: &str| format!("bfb_cache_shared_total{{result=\"{r}\"}}");
+    let before = h.metrics_text().await;
+    let count = |text: &str, r: &str| common::metric(text, &series(r)).unwrap_or(0.0);
+
+    // Stopped, not killed: connections stay open and nothing answers.
+    let pid = redis.id().expect("running");
+    common::signal(pid, "STOP");
+    for i in 0..5 {
+        let r = c
+            .get_customer(get(&format!("c-{}", 2100 + i)))
+            .await
+            .expect("served with redis hung");
+        assert!(!r.into_inner().status.expect("status").degraded);
+    }
+    common::signal(pid, "CONT");
+
+    let after = h.metrics_text().await;
+    assert!(
+        count(&after, "timeout") > count(&before, "timeout"),
+        "a hung Redis is a timeout"
+    );
+    assert_eq!(
+        count(&after, "error"),
+        count(&before, "error"),
+        "and not an error"
+    );
+}
