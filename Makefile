@@ -9,8 +9,10 @@ BUF := $(TOOLS)/buf/node_modules/.bin/buf
 .PHONY: run test test-tools bench lint lint-tools fmt release contracts-baseline
 
 ## Run the demo: simulated downstream services and bfb in one process.
+## Flags through ARGS, e.g. make run ARGS='--sim-latency 5ms'.
+ARGS ?=
 run:
-	cargo run --release -- demo
+	cargo run --release --locked --bin bfb -- demo $(ARGS)
 
 ## Run every test (unit, integration over loopback, grpcurl interop),
 ## installing the tools the tests need first.

@@ -35,13 +35,28 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, DemoError> {
         .map_err(|source| DemoError::Bind { addr, source })
 }
 
+/// Where the demo listens.
+#[derive(Clone, Copy, Debug)]
+pub struct Addrs {
+    /// bfb's API.
+    pub bfb: SocketAddr,
+    /// The simulated services.
+    pub sim: SocketAddr,
+    /// bfb's admin API (skipped if taken).
+    pub admin: SocketAddr,
+}
+
 /// Runs the demo until `shutdown` completes.
 pub async fn run(
-    listen: SocketAddr,
-    sim_listen: SocketAddr,
+    addrs: Addrs,
     sim_latency: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DemoError> {
+    let Addrs {
+        bfb: listen,
+        sim: sim_listen,
+        admin: admin_listen,
+    } = addrs;
     let sim_listener = bind(sim_listen).await?;
     let sim_addr = sim_listener
         .local_addr()
@@ -68,10 +83,8 @@ pub async fn run(
         None => None,
     };
     let metrics_addr = metrics.as_ref().and_then(|l| l.local_addr().ok());
-    let admin = match config.admin_listen {
-        Some(addr) => TcpListener::bind(addr).await.ok(),
-        None => None,
-    };
+    let admin = TcpListener::bind(admin_listen).await.ok();
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
     let sim_config = SimConfig {
         behavior: Behavior {
             latency: sim_latency,
@@ -82,6 +95,12 @@ pub async fn run(
 
     // Written without println!, which panics when stdout is a closed pipe.
     let mut text = instructions(bfb_addr, sim_addr, sim_latency);
+    if let Some(admin) = admin_addr {
+        text.push_str(&format!(
+            "\n\nAdmin API on {admin}: drop an entity's cached answers (both tiers, all replicas):\n\n  \
+             grpcurl -plaintext -d '{{\"entity_id\":\"c-42\"}}' {admin} bfb.admin.v1.CacheAdmin/InvalidateEntity"
+        ));
+    }
     if let Some(addr) = metrics_addr {
         text.push_str(&format!(
             "\nMetrics: curl -s http://{addr}/metrics | grep ^bfb_"
@@ -123,8 +142,19 @@ Try (grpcurl, through server reflection):
   grpcurl -plaintext {bfb} list
   grpcurl -plaintext {bfb} describe bfb.customer.v1.GetCustomerRequest
   grpcurl -plaintext -d '{{"customer_id":"c-42"}}' {bfb} bfb.customer.v1.CustomerAggregateService/GetCustomer
-  grpcurl -plaintext -d '{{"customer_id":"c-42","read_mask":"profile,orders"}}' {bfb} bfb.customer.v1.CustomerAggregateService/GetCustomer
+  grpcurl -plaintext -d '{{"customer_id":"c-42","read_mask":{{"paths":["profile","orders"]}}}}' {bfb} bfb.customer.v1.CustomerAggregateService/GetCustomer
   grpcurl -plaintext -d '{{"user_id":"u-7"}}' {bfb} bfb.activity.v1.UserActivityService/GetUserActivity
+
+Many at once: a batch (one result per id, each with its own status) and a
+stream of users (a list of ids, or a numbered range):
+
+  grpcurl -plaintext -d '{{"customer_ids":["c-1","c-2","c-999999999"],"read_mask":{{"paths":["profile"]}}}}' {bfb} bfb.customer.v1.CustomerAggregateService/BatchGetCustomers
+  grpcurl -plaintext -d '{{"user_range":{{"prefix":"u-","first":1,"count":3}}}}' {bfb} bfb.activity.v1.UserActivityService/StreamUserActivity
+
+The v2 contract pages long lists: pass the answer's next_page_token as
+orders_page.page_token for the next page.
+
+  grpcurl -plaintext -d '{{"customer_id":"c-42","read_mask":{{"paths":["orders"]}},"orders_page":{{"page_size":2}}}}' {bfb} bfb.customer.v2.CustomerAggregateService/GetCustomer
   grpcurl -plaintext -d '{{"service":"bfb.customer.v1.CustomerAggregateService"}}' {bfb} grpc.health.v1.Health/Check
 
 Inject a fault: make the orders service fail every call, then ask again and

@@ -54,6 +54,9 @@ enum Command {
         /// The simulated services' address.
         #[arg(long, default_value = "127.0.0.1:50061")]
         sim_listen: SocketAddr,
+        /// The admin API's address (skipped if taken).
+        #[arg(long, default_value = "127.0.0.1:50052")]
+        admin_listen: SocketAddr,
         /// Latency of every simulated call, e.g. 20ms.
         #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
         sim_latency: Duration,
@@ -145,6 +148,27 @@ async fn main() -> ExitCode {
     }
 }
 
+/// Binds the listener of config key `key`; an error names the key and the
+/// address (`telemetry.metrics_listen 127.0.0.1:9464: address already in use`).
+async fn bind(key: &str, addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => "address already in use".to_string(),
+            std::io::ErrorKind::AddrNotAvailable => "no such address on this host".to_string(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+            _ => e.to_string(),
+        };
+        format!("{key} {addr}: {why}")
+    })
+}
+
+async fn bind_some(key: &str, addr: Option<SocketAddr>) -> Result<Option<TcpListener>, String> {
+    match addr {
+        Some(addr) => bind(key, addr).await.map(Some),
+        None => Ok(None),
+    }
+}
+
 async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match cli.command {
         Command::CheckConfig { file } => match Config::load(&file) {
@@ -167,19 +191,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Serve { config } => {
             let config = Config::load(&config)?;
             let telemetry = telemetry::init(&config.telemetry)?;
-            let grpc = TcpListener::bind(config.listen).await?;
-            let metrics = match config.telemetry.metrics_listen {
-                Some(addr) => Some(TcpListener::bind(addr).await?),
-                None => None,
-            };
-            let admin = match config.admin_listen {
-                Some(addr) => Some(TcpListener::bind(addr).await?),
-                None => None,
-            };
-            let health = match config.server.health_listen {
-                Some(addr) => Some(TcpListener::bind(addr).await?),
-                None => None,
-            };
+            let grpc = bind("listen", config.listen).await?;
+            let metrics =
+                bind_some("telemetry.metrics_listen", config.telemetry.metrics_listen).await?;
+            let admin = bind_some("admin_listen", config.admin_listen).await?;
+            let health = bind_some("server.health_listen", config.server.health_listen).await?;
             // Scripts and benches start bfb on port 0 and read the addresses from here.
             say!("bfb listening on {}", grpc.local_addr()?);
             if let Some(m) = &metrics {
@@ -242,10 +258,16 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
         Command::Demo {
             listen,
             sim_listen,
+            admin_listen,
             sim_latency,
         } => {
             let _telemetry = telemetry::init(&TelemetrySettings::default())?;
-            bfb::demo::run(listen, sim_listen, sim_latency, shutdown_signal()).await?;
+            let addrs = bfb::demo::Addrs {
+                bfb: listen,
+                sim: sim_listen,
+                admin: admin_listen,
+            };
+            bfb::demo::run(addrs, sim_latency, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

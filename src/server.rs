@@ -180,6 +180,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let metrics = Arc::new(Metrics::new());
+    metrics.init_known(&metrics::Known {
+        methods: &crate::api::METHODS,
+        cached: &crate::component::Component::DATA,
+        auth_rejections: &crate::auth::REJECTIONS,
+        consumers: config.auth.consumers.keys().cloned().collect(),
+    });
     let auth = AuthLayer::new(config, &metrics).map_err(ServeError::Security)?;
     let tls = config
         .tls

@@ -131,6 +131,8 @@ async fn demo_serves_bfb_and_the_sim_and_prints_working_commands() {
             "127.0.0.1:0",
             "--sim-listen",
             "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
             "--sim-latency",
             "1ms",
         ])
@@ -192,4 +194,120 @@ async fn demo_serves_bfb_and_the_sim_and_prints_working_commands() {
     .await;
     assert_eq!(warned, Ok(true), "a warning about auth.mode = none");
     child.kill().await.expect("kill");
+}
+
+#[test]
+fn check_config_reports_mistakes_found_while_parsing_all_at_once() {
+    let dir = std::env::temp_dir().join(format!("bfb-cli3-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let bad = dir.join("three.toml");
+    let text = std::fs::read_to_string("config/bfb.example.toml")
+        .expect("example")
+        .replace("[telemetry]", "[telemetry]\nlog_formatt = \"json\"")
+        .replace("default = \"2s\"", "default = \"2 fortnights please\"");
+    // [downstreams.sms] without its endpoint.
+    let sms = text.find("[downstreams.sms]").expect("sms");
+    let endpoint = sms + text[sms..].find("endpoint").expect("endpoint");
+    let end = endpoint + text[endpoint..].find('\n').expect("eol");
+    std::fs::write(&bad, format!("{}{}", &text[..endpoint], &text[end + 1..])).expect("write");
+    let out = std::process::Command::new(BFB)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(stdout.contains("3 problem(s)"), "{stdout}");
+    for expected in [
+        "telemetry.log_formatt: unknown key; did you mean log_format?",
+        "deadlines.default: ",
+        "downstreams.sms.endpoint: missing; this key is required",
+    ] {
+        assert!(stdout.contains(expected), "{expected} not in:\n{stdout}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_taken_port_is_named_with_its_listener() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr");
+    let dir = std::env::temp_dir().join(format!("bfb-cli-port-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("bfb.toml");
+    let text = bfb::config::EXAMPLE
+        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"")
+        .replace(
+            "admin_listen = \"127.0.0.1:50052\"",
+            "admin_listen = \"127.0.0.1:0\"",
+        )
+        .replace(
+            "metrics_listen = \"127.0.0.1:9464\"",
+            &format!("metrics_listen = \"{addr}\""),
+        );
+    std::fs::write(&config, text).expect("write");
+    let out = tokio::process::Command::new(BFB)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .await
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "telemetry.metrics_listen {addr}: address already in use"
+        )),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn human_logs_to_a_pipe_have_no_colour_codes_and_print_values() {
+    let dir = std::env::temp_dir().join(format!("bfb-cli-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("bfb.toml");
+    let text = bfb::config::EXAMPLE
+        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"")
+        .replace(
+            "admin_listen = \"127.0.0.1:50052\"",
+            "admin_listen = \"127.0.0.1:0\"",
+        )
+        .replace(
+            "metrics_listen = \"127.0.0.1:9464\"",
+            "metrics_listen = \"127.0.0.1:0\"",
+        );
+    std::fs::write(&config, text).expect("write");
+    let mut child = tokio::process::Command::new(BFB)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("BFB_LOG_FORMAT")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn");
+    let mut log = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = Vec::new();
+    let serving = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while let Ok(Some(line)) = log.next_line().await {
+            let done = line.contains("bfb serving");
+            seen.push(line);
+            if done {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    child.kill().await.expect("kill");
+    assert_eq!(serving, Ok(true), "{seen:?}");
+    assert!(seen.iter().all(|l| !l.contains('\x1b')), "{seen:?}");
+    assert!(seen.iter().all(|l| !l.contains("Some(")), "{seen:?}");
+    let serving = seen.last().expect("line");
+    assert!(serving.contains("grpc=127.0.0.1:"), "{serving}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -157,6 +157,31 @@ fn manifests_agree_with_the_config_and_the_server() {
 }
 
 #[test]
+fn the_service_monitor_scrapes_the_services_metrics_port() {
+    let monitor = manifest("servicemonitor.yaml");
+    let service = manifest("service.yaml");
+    assert_eq!(monitor["kind"].as_str(), Some("ServiceMonitor"));
+    assert_eq!(
+        monitor["apiVersion"].as_str(),
+        Some("monitoring.coreos.com/v1")
+    );
+    assert_eq!(
+        at(&monitor, "spec.selector.matchLabels"),
+        &service["metadata"]["labels"],
+        "selects the Service by its labels"
+    );
+    let endpoint = at(&monitor, "spec.endpoints.0");
+    let port = endpoint["port"].as_str().expect("a named port");
+    let ports = service["spec"]["ports"].as_sequence().expect("ports");
+    assert!(
+        ports.iter().any(|p| p["name"].as_str() == Some(port)),
+        "the Service has a port named {port}"
+    );
+    assert_eq!(port, "metrics");
+    assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
+}
+
+#[test]
 fn dockerfile_builds_the_release_binary_as_make_release_does_and_runs_as_non_root() {
     let docker = std::fs::read_to_string("Dockerfile").expect("Dockerfile");
     let make = std::fs::read_to_string("Makefile").expect("Makefile");

@@ -196,3 +196,131 @@ async fn grpcurl_shows_a_small_readable_error_for_any_input() {
         assert!(out.stderr.len() < 4096, "{} bytes", out.stderr.len());
     }
 }
+
+/// The grpcurl commands in `text` (lines that start with `grpcurl` once
+/// indented, `\` continuations joined), as argument lists after `grpcurl`.
+fn commands(text: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let line = line.trim_start();
+        if !line.starts_with("grpcurl ") {
+            continue;
+        }
+        let mut command = line.to_string();
+        while command.ends_with('\\') {
+            command.pop();
+            command.push_str(lines.next().unwrap_or_default().trim());
+        }
+        out.push(words(&command).into_iter().skip(1).collect());
+    }
+    out
+}
+
+/// Shell words, with '...' and "..." quoting (what the docs use).
+fn words(line: &str) -> Vec<String> {
+    let (mut words, mut word, mut quote, mut started) = (Vec::new(), String::new(), None, false);
+    for c in line.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => word.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                started = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if started || !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+                started = false;
+            }
+            (None, c) => word.push(c),
+        }
+    }
+    if started || !word.is_empty() {
+        words.push(word);
+    }
+    words
+}
+
+/// Runs each command; each must reach the server and be answered: success,
+/// or a gRPC status the docs show on purpose (a deadline, a failure mode).
+/// A command that cannot be sent as written (no reflection, an unknown
+/// method, JSON grpcurl rejects) fails the test.
+async fn run_all(what: &str, commands: &[Vec<String>]) {
+    let bin = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into());
+    for args in commands {
+        let out = Command::new(&bin)
+            .args(args)
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() || stderr.contains("Code: "),
+            "{what}: grpcurl {} failed:\n{stderr}",
+            args.join(" ")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grpcurl_command_of_the_readme_and_the_demo_works() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_bfb"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--sim-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--admin-listen", "127.0.0.1:0", "--sim-latency", "1ms"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn demo");
+    let mut lines = BufReader::new(demo.stdout.take().expect("stdout")).lines();
+    let mut printed = String::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("bfb.admin.v1.CacheAdmin/InvalidateEntity") {
+            break;
+        }
+    }
+    // "bfb demo: bfb on ADDR, simulated downstream services on ADDR (...)"
+    // and "Admin API on ADDR: ...".
+    let addr = |after: &str| -> String {
+        let rest = printed
+            .split(after)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{after}"));
+        let token = rest.split([',', ' ', ':']).next().unwrap_or_default();
+        let port = rest[token.len() + 1..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap_or_default();
+        format!("{token}:{port}")
+    };
+    let (bfb, sim, admin) = (addr("bfb on "), addr("services on "), addr("Admin API on "));
+
+    let demo_commands = commands(&printed);
+    assert!(demo_commands.len() >= 12, "{printed}");
+    assert!(
+        !printed.contains(r#""read_mask":""#),
+        "the demo prints the FieldMask form grpcurl accepts"
+    );
+    run_all("demo", &demo_commands).await;
+
+    let readme = std::fs::read_to_string("README.md")
+        .expect("README")
+        .replace("127.0.0.1:50051", &bfb)
+        .replace("127.0.0.1:50061", &sim)
+        .replace("127.0.0.1:50052", &admin);
+    let readme_commands = commands(&readme);
+    assert!(readme_commands.len() >= 12, "{readme_commands:?}");
+    run_all("README", &readme_commands).await;
+    demo.kill().await.expect("kill");
+}

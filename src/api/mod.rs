@@ -30,6 +30,17 @@ use crate::{
     telemetry::rpc::{Summary, observe},
 };
 
+/// The `method` label of every aggregate RPC (what [`handle`] is given):
+/// metrics export each at zero from the start.
+pub const METHODS: [&str; 6] = [
+    "GetCustomer",
+    "BatchGetCustomers",
+    "v2.GetCustomer",
+    "v2.BatchGetCustomers",
+    "GetUserActivity",
+    "StreamUserActivity",
+];
+
 /// Longest accepted entity id.
 pub const MAX_ID_LEN: usize = 64;
 
@@ -153,6 +164,10 @@ pub async fn handle<Req, Resp, Fut>(
 where
     Fut: Future<Output = Result<Response<Resp>, Status>>,
 {
+    debug_assert!(
+        METHODS.contains(&method),
+        "{method} missing from api::METHODS"
+    );
     let (metadata, extensions, req) = request.into_parts();
     let Some(caller) = extensions.get::<Arc<Caller>>().cloned() else {
         tracing::error!(method, "no caller on the request: refused");

@@ -35,6 +35,26 @@ use tonic::{Status, body::Body};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 pub use self::consumers::{Caller, Consumer, Consumers};
+
+/// Every reason a call is refused for (`bfb_auth_rejected_total{reason}`);
+/// metrics export each at zero from the start.
+pub const REJECTIONS: [&str; 15] = [
+    "no_client_certificate",
+    "invalid_client_certificate",
+    "spiffe_id",
+    "jwt_missing",
+    "jwt_malformed",
+    "jwt_algorithm",
+    "jwt_unknown_kid",
+    "jwt_signature",
+    "jwt_expired",
+    "jwt_not_yet_valid",
+    "jwt_issuer",
+    "jwt_audience",
+    "jwt_missing_claim",
+    "unknown_consumer",
+    "method_not_allowed",
+];
 use self::{jwt::JwtVerifier, tls::TlsPeer};
 use crate::{
     config::{AuthMode, Config},
@@ -309,6 +329,10 @@ impl Shared {
     }
 
     fn reject(&self, reason: &'static str) {
+        debug_assert!(
+            REJECTIONS.contains(&reason),
+            "{reason} missing from REJECTIONS"
+        );
         self.rejected.get_or_create(&ReasonLabels { reason }).inc();
     }
 }

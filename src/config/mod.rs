@@ -17,6 +17,7 @@ use crate::component::{Component, ComponentSet, names};
 mod auth;
 mod cache;
 mod downstream;
+mod load;
 mod server;
 
 pub use self::{
@@ -260,10 +261,17 @@ impl Config {
         Config::parse(EXAMPLE)
     }
 
-    /// Parses and validates config text: every problem is reported at once.
+    /// Parses and validates config text: every problem is reported at once,
+    /// each with its TOML path (only a TOML syntax error stops the reading
+    /// early, with its line and column).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string().trim().to_string()))?;
         let mut problems = Problems::default();
+        let Some(raw) = load::deserialize_all::<RawConfig>(table, "", &mut problems) else {
+            return Err(ConfigError::Invalid(problems.0));
+        };
         let mut downstreams = BTreeMap::new();
         for (name, section) in raw.downstreams {
             let path = format!("downstreams.{name}");
@@ -279,19 +287,18 @@ impl Config {
             };
             let mut merged = raw.downstream_defaults.clone();
             merge(&mut merged, section);
-            match DownstreamSettings::deserialize(toml::Value::Table(merged)) {
-                Ok(settings) => {
-                    downstreams.insert(component, settings);
-                }
-                Err(e) => problems.add(path, e.to_string().trim().to_string()),
+            // A problem with `downstream_defaults` shows under every
+            // downstream that inherits it.
+            if let Some(settings) =
+                load::deserialize_all::<DownstreamSettings>(merged, &path, &mut problems)
+            {
+                downstreams.insert(component, settings);
             }
         }
         for c in Component::ALL {
+            let path = format!("downstreams.{c}");
             if !downstreams.contains_key(&c)
-                && !problems
-                    .0
-                    .iter()
-                    .any(|p| p.path == format!("downstreams.{c}"))
+                && !problems.0.iter().any(|p| p.path.starts_with(&path))
             {
                 problems.add(
                     format!("downstreams.{c}"),
@@ -774,8 +781,38 @@ mod tests {
         assert!(paths.contains(&"downstreams.bogus"));
         assert!(paths.contains(&"downstreams.orders.timeout"));
         assert!(paths.contains(&"downstreams.orders.retry.budget_ttl"));
-        assert!(paths.contains(&"downstreams.reviews"), "{problems:?}");
+        assert!(
+            paths.contains(&"downstreams.reviews.breaker.windw"),
+            "{problems:?}"
+        );
         assert!(paths.contains(&"downstreams.calls"));
+    }
+
+    #[test]
+    fn mistakes_found_while_parsing_are_all_reported() {
+        let text = EXAMPLE
+            .replace("[telemetry]", "[telemetry]\nlog_formatt = \"json\"")
+            .replace("default = \"2s\"", "default = \"2 fortnights please\"");
+        let sms = text.find("[downstreams.sms]").expect("sms section");
+        let endpoint = sms + text[sms..].find("endpoint").expect("sms endpoint");
+        let line_end = endpoint + text[endpoint..].find('\n').expect("line");
+        let text = format!("{}{}", &text[..endpoint], &text[line_end + 1..]);
+        let Err(ConfigError::Invalid(problems)) = Config::parse(&text) else {
+            panic!("expected problems");
+        };
+        let found: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert!(
+            found.contains(&"telemetry.log_formatt: unknown key; did you mean log_format?".into()),
+            "{found:?}"
+        );
+        assert!(
+            found.iter().any(|p| p.starts_with("deadlines.default: ")),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&"downstreams.sms.endpoint: missing; this key is required".into()),
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::{component::Component, resilience::breaker::State};
+use crate::{component::Component, error::Reason, resilience::breaker::State};
 
 /// Labels of inbound RPC series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,6 +102,19 @@ pub struct ConsumerLabels {
     pub consumer: String,
     /// `rate` or `concurrency`.
     pub limit: &'static str,
+}
+
+/// The label values [`Metrics::init_known`] creates series for, from the
+/// layers that own them.
+pub struct Known<'a> {
+    /// The aggregate RPCs' `method` labels.
+    pub methods: &'a [&'static str],
+    /// The components the cache serves.
+    pub cached: &'a [Component],
+    /// Every auth rejection reason.
+    pub auth_rejections: &'a [&'static str],
+    /// The configured consumers' names.
+    pub consumers: Vec<String>,
 }
 
 /// Histogram buckets from 100 µs to ~26 s.
@@ -294,6 +307,76 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
+    /// Creates every series bfb knows the labels of, at zero, so dashboards
+    /// and alerts see 0 rather than nothing before the first event:
+    /// per-method RPC counts (code `OK`) and fan-out, per-downstream attempts
+    /// (code `OK`) and breaker transitions, degraded answers by component and
+    /// reason, cache lookups, Redis tier results, auth rejections, consumer
+    /// limits and TLS drops. (Error codes of RPCs and attempts appear with
+    /// their first event: every code times every method would be hundreds of
+    /// histograms.)
+    pub fn init_known(&self, known: &Known<'_>) {
+        for &method in known.methods {
+            let _ = self
+                .rpc_duration
+                .get_or_create(&RpcLabels { method, code: "OK" });
+            let _ = self.fanout.get_or_create(&MethodLabels { method });
+        }
+        for c in Component::ALL {
+            let downstream = c.name();
+            let _ = self.downstream_duration.get_or_create(&AttemptLabels {
+                downstream,
+                code: "OK",
+            });
+            for to in ["closed", "half_open", "open"] {
+                let _ = self
+                    .breaker_transitions
+                    .get_or_create(&TransitionLabels { downstream, to });
+            }
+            for reason in Reason::ALL {
+                let _ = self.degraded.get_or_create(&DegradedLabels {
+                    component: downstream,
+                    reason: reason.code(),
+                });
+            }
+        }
+        for c in known.cached {
+            for result in ["hit", "stale", "miss", "bypass", "fallback"] {
+                let _ = self.cache_requests.get_or_create(&CacheLabels {
+                    component: c.name(),
+                    result,
+                });
+            }
+        }
+        for result in [
+            "hit",
+            "miss",
+            "written",
+            "error",
+            "timeout",
+            "breaker_open",
+            "unconnected",
+        ] {
+            let _ = self.cache_shared.get_or_create(&SharedLabels { result });
+        }
+        for &reason in known.auth_rejections {
+            let _ = self.auth_rejected.get_or_create(&ReasonLabels { reason });
+        }
+        for consumer in &known.consumers {
+            for limit in ["rate", "concurrency"] {
+                let _ = self.consumer_limited.get_or_create(&ConsumerLabels {
+                    consumer: consumer.clone(),
+                    limit,
+                });
+            }
+        }
+        for reason in ["shed", "timeout", "failed"] {
+            let _ = self
+                .handshakes_dropped
+                .get_or_create(&ReasonLabels { reason });
+        }
+    }
+
     /// The handles the TLS accept loop updates.
     pub fn handshakes(&self) -> HandshakeMetrics {
         HandshakeMetrics {
@@ -474,7 +557,9 @@ pub async fn serve(
             }
         }),
     );
-    tracing::info!(addr = ?listener.local_addr().ok(), "metrics endpoint serving");
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "metrics endpoint serving");
+    }
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
