@@ -23,10 +23,12 @@
 //! - [`resilience`]: the stack's layers, one module each: bulkhead, retry
 //!   (with budget and pushback), hedge, circuit breaker, attempt (deadline
 //!   budget as `grpc-timeout`, status classification).
-//! - [`inbound`]: protection in front of every bfb service: global load
-//!   shedding, a hard timeout answered as DEADLINE_EXCEEDED, oversized requests.
+//! - [`inbound`]: protection in front of every bfb service on every listener:
+//!   load shedding, a hard timeout answered as DEADLINE_EXCEEDED, oversized
+//!   requests, the cap on open health watches.
 //! - [`auth`]: who is calling and what it may do: mTLS with SPIFFE IDs
-//!   (`auth::tls`, bfb's own TLS termination with reloaded files), JWT bearer
+//!   (`auth::tls`, bfb's own TLS termination with reloaded files, and its
+//!   accept loop with capped pending handshakes, `auth::accept`), JWT bearer
 //!   tokens (`auth::jwt`), default-deny consumers with their methods,
 //!   components, cache scope and rate/concurrency limits (`auth::consumers`).
 //! - [`telemetry`]: logs, OTLP traces with W3C propagation, Prometheus
@@ -34,7 +36,8 @@
 //! - [`error`]: the request error type and its single mapping to
 //!   `tonic::Status` with `google.rpc` details.
 //! - [`component`]: the components of the aggregates and read-mask parsing.
-//! - [`config`]: the typed TOML configuration, validated at load.
+//! - [`config`]: the typed TOML configuration, validated at load, every
+//!   problem reported at once with its path (`config::load`).
 //! - [`sim`]: `bfb sim`, the simulated downstream services with run-time
 //!   fault injection (`SimControl`).
 //! - [`demo`]: `bfb demo`, the sim and bfb in one process.
