@@ -176,7 +176,7 @@ impl ComponentSet {
                     format!("{field}.paths[{i}]"),
                     format!(
                         "unknown component {:?}; expected one of: {}",
-                        crate::error::clip(path, crate::error::MAX_ECHO),
+                        echo(path),
                         names(allowed)
                     ),
                 )),
@@ -189,6 +189,16 @@ impl ComponentSet {
 impl fmt::Debug for ComponentSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+/// A value from a request, cut to 32 characters for an error message (the
+/// error must not grow with the input).
+fn echo(value: &str) -> String {
+    const MAX: usize = 32;
+    match value.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &value[..end]),
+        None => value.to_string(),
     }
 }
 

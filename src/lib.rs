@@ -12,7 +12,7 @@
 //!   `customer_v2`, `activity_v1`, and `admin_v1` for operators): validate the
 //!   request, call the engine, shape the answer.
 //! - [`engine`]: the fan-out engine shared by every version: which downstream
-//!   calls to make, concurrently, under the caller's [`engine::Deadline`], and
+//!   calls to make, concurrently, under the caller's [`deadline::Deadline`], and
 //!   how required and optional components fail (`customer`, `activity`).
 //! - [`cache`]: the component cache between the engine and the downstreams:
 //!   freshness windows, stale-while-revalidate, stale-if-error, caller
@@ -50,6 +50,7 @@ pub mod auth;
 pub mod cache;
 pub mod component;
 pub mod config;
+pub mod deadline;
 pub mod demo;
 pub mod downstream;
 pub mod engine;

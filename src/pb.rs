@@ -7,6 +7,34 @@
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/bfb_descriptor.bin"));
 
+/// Every method bfb serves, `package.Service/Method`, read from the
+/// contracts: bfb's own services (not the simulator's), health and
+/// reflection.
+pub fn known_methods() -> Vec<String> {
+    let mut methods = vec![
+        "grpc.health.v1.Health/Check".to_string(),
+        "grpc.health.v1.Health/Watch".to_string(),
+        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_string(),
+        "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".to_string(),
+    ];
+    let Ok(set) = <prost_types::FileDescriptorSet as prost::Message>::decode(FILE_DESCRIPTOR_SET)
+    else {
+        return methods;
+    };
+    for file in set.file {
+        let package = file.package();
+        if !package.starts_with("bfb.") || package.starts_with("bfb.sim.") {
+            continue;
+        }
+        for service in &file.service {
+            for method in &service.method {
+                methods.push(format!("{package}.{}/{}", service.name(), method.name()));
+            }
+        }
+    }
+    methods
+}
+
 /// bfb's own contracts.
 pub mod bfb {
     /// Types shared by every aggregate.

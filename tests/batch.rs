@@ -336,3 +336,69 @@ async fn the_deadline_covers_the_whole_stream() {
     assert_eq!(end.code(), Code::DeadlineExceeded, "{end:?}");
     assert!(delivered < 10_000);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn degraded_items_of_batches_and_streams_are_counted() {
+    let h = start(SimConfig::default(), |_| {}).await;
+    let fail = Behavior {
+        error_rate: 1.0,
+        error_code: Code::Internal as i32,
+        ..Default::default()
+    };
+    h.set_behavior("orders", fail).await;
+    h.set_behavior("sms", fail).await;
+    let degraded = |text: &str, component: &str| {
+        common::sample(
+            text,
+            &format!(
+                "bfb_degraded_responses_total{{component=\"{component}\",reason=\"DOWNSTREAM_ERROR\"}}"
+            ),
+        )
+    };
+    let fanned = |text: &str, method: &str| {
+        common::sample(
+            text,
+            &format!("bfb_fanout_components_count{{method=\"{method}\"}}"),
+        )
+    };
+    let before = h.metrics_text().await;
+
+    let answer = h
+        .customers()
+        .await
+        .batch_get_customers(batch(ids(3)))
+        .await
+        .expect("batch")
+        .into_inner();
+    assert!(answer.results.iter().all(|r| r.error.is_none()));
+    let items: Vec<_> = h
+        .activity()
+        .await
+        .stream_user_activity(range(4))
+        .await
+        .expect("stream")
+        .into_inner()
+        .collect()
+        .await;
+    assert_eq!(items.len(), 4);
+
+    let after = h.metrics_text().await;
+    assert_eq!(
+        degraded(&after, "orders") - degraded(&before, "orders"),
+        3.0,
+        "one per batch item"
+    );
+    assert_eq!(
+        degraded(&after, "sms") - degraded(&before, "sms"),
+        4.0,
+        "one per streamed user"
+    );
+    assert_eq!(
+        fanned(&after, "BatchGetCustomers") - fanned(&before, "BatchGetCustomers"),
+        3.0
+    );
+    assert_eq!(
+        fanned(&after, "StreamUserActivity") - fanned(&before, "StreamUserActivity"),
+        4.0
+    );
+}

@@ -21,6 +21,7 @@ use crate::{
         },
         downstream,
     },
+    telemetry::rpc::RequestContext,
 };
 
 use super::{
@@ -46,13 +47,9 @@ impl UserActivityService for ActivityV1 {
         &self,
         request: Request<GetUserActivityRequest>,
     ) -> Result<Response<GetUserActivityResponse>, Status> {
-        handle(
-            &self.engine,
-            "GetUserActivity",
-            request,
-            |r: &GetUserActivityResponse| r.status.as_ref(),
-            |req, call| self.get_user_activity(req, call),
-        )
+        handle(&self.engine, "GetUserActivity", request, |req, call| {
+            self.get_user_activity(req, call)
+        })
         .await
     }
 
@@ -66,7 +63,6 @@ impl UserActivityService for ActivityV1 {
             &self.engine,
             "StreamUserActivity",
             request,
-            |_| None,
             // Lazily, so the loaders are made inside the RPC's context and
             // the stream's downstream calls carry its request id and caller.
             |req, call| async move { self.stream_user_activity(req, call) },
@@ -201,14 +197,19 @@ impl ActivityV1 {
         // only when the caller has taken this one (tonic takes a message only
         // when HTTP/2 flow control lets it send). Chunks, not a sliding
         // window: refilling one user at a time would send tiny batches.
+        // tonic polls the stream outside the RPC's task scope: each item's
+        // work runs in the RPC's context again, so its outcomes are counted
+        // against this RPC.
+        let context = RequestContext::current();
         let fetch_one = move |user_id: String| {
-            let (engine, loaders, caller, window) = (
+            let (engine, loaders, caller, window, context) = (
                 engine.clone(),
                 loaders.clone(),
                 caller.clone(),
                 window.clone(),
+                context.clone(),
             );
-            async move {
+            let work = async move {
                 let answer = engine
                     .activity(
                         (caller.scope(), &user_id),
@@ -237,6 +238,12 @@ impl ActivityV1 {
                         error: Some(rpc_status(e)),
                         ..Default::default()
                     },
+                }
+            };
+            async move {
+                match context {
+                    Some(cx) => cx.scope(work).await,
+                    None => work.await,
                 }
             }
         };

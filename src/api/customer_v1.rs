@@ -42,13 +42,9 @@ impl CustomerAggregateService for CustomerV1 {
         &self,
         request: Request<GetCustomerRequest>,
     ) -> Result<Response<GetCustomerResponse>, Status> {
-        handle(
-            &self.engine,
-            "GetCustomer",
-            request,
-            |r: &GetCustomerResponse| r.status.as_ref(),
-            |req, call| self.get_customer(req, call),
-        )
+        handle(&self.engine, "GetCustomer", request, |req, call| {
+            self.get_customer(req, call)
+        })
         .await
     }
 
@@ -56,13 +52,9 @@ impl CustomerAggregateService for CustomerV1 {
         &self,
         request: Request<BatchGetCustomersRequest>,
     ) -> Result<Response<BatchGetCustomersResponse>, Status> {
-        handle(
-            &self.engine,
-            "BatchGetCustomers",
-            request,
-            |_| None,
-            |req, call| self.batch_get_customers(req, call),
-        )
+        handle(&self.engine, "BatchGetCustomers", request, |req, call| {
+            self.batch_get_customers(req, call)
+        })
         .await
     }
 }

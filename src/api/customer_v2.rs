@@ -50,13 +50,9 @@ impl CustomerAggregateService for CustomerV2 {
         &self,
         request: Request<GetCustomerRequest>,
     ) -> Result<Response<GetCustomerResponse>, Status> {
-        handle(
-            &self.engine,
-            "v2.GetCustomer",
-            request,
-            |r: &GetCustomerResponse| r.status.as_ref(),
-            |req, call| self.get_customer(req, call),
-        )
+        handle(&self.engine, "v2.GetCustomer", request, |req, call| {
+            self.get_customer(req, call)
+        })
         .await
     }
 
@@ -68,7 +64,6 @@ impl CustomerAggregateService for CustomerV2 {
             &self.engine,
             "v2.BatchGetCustomers",
             request,
-            |_| None,
             |req, call| self.batch_get_customers(req, call),
         )
         .await

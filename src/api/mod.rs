@@ -21,13 +21,13 @@ use crate::{
     cache::{Policy, Source},
     component::{Component, ComponentSet},
     engine::{Ask, Completeness, CustomerParts, Deadline, Engine, OutcomeState},
-    error::{Denied, Error, Reason},
+    error::{Denied, Error},
     inbound::Arrival,
     pb::bfb::common::v1::{
         AggregateStatus, CachePolicy as PbCachePolicy, Completeness as PbCompleteness,
         ComponentState, ComponentStatus, DataSource,
     },
-    telemetry::rpc::{Summary, observe},
+    telemetry::rpc::observe,
 };
 
 /// The `method` label of every aggregate RPC (what [`handle`] is given):
@@ -152,13 +152,12 @@ pub struct Rpc {
 /// Runs one aggregate RPC: the caller (put there by the auth layer; none
 /// means the layer did not run, and the call is refused), its deadline from
 /// the arrival stamp and headers, then `handler` inside the per-RPC span, log
-/// line and metrics ([`observe`]). `status` finds the answer's aggregate
-/// status.
+/// line and metrics ([`observe`]; the engine records what each aggregate
+/// came to).
 pub async fn handle<Req, Resp, Fut>(
     engine: &Engine,
     method: &'static str,
     request: Request<Req>,
-    status: fn(&Resp) -> Option<&AggregateStatus>,
     handler: impl FnOnce(Req, Rpc) -> Fut,
 ) -> Result<Response<Resp>, Status>
 where
@@ -175,21 +174,12 @@ where
     };
     let arrival = extensions.get::<Arrival>().map(|a| a.0);
     let deadline = engine.deadline(&metadata, arrival);
-    let summary = |r: &Resp| summarize(status(r));
     let who = (&caller.consumer.name, &caller.principal);
     let call = Rpc {
         deadline,
         caller: caller.clone(),
     };
-    observe(
-        engine.metrics(),
-        method,
-        &metadata,
-        who,
-        summary,
-        handler(req, call),
-    )
-    .await
+    observe(engine.metrics(), method, &metadata, who, handler(req, call)).await
 }
 
 /// The checked fields every aggregate request has, in every version.
@@ -350,29 +340,6 @@ pub fn aggregate_status(outcomes: &[(Component, OutcomeState)]) -> AggregateStat
     }
 }
 
-/// What the RPC wrapper logs and counts about an answer: components fetched
-/// and those not OK, from the answer's status.
-pub fn summarize(status: Option<&AggregateStatus>) -> Summary {
-    let mut summary = Summary {
-        fetched: 0,
-        degraded: Vec::new(),
-    };
-    for (name, c) in status.map(|s| &s.components).into_iter().flatten() {
-        if c.state == ComponentState::Skipped as i32 {
-            continue;
-        }
-        summary.fetched += 1;
-        if c.state != ComponentState::Ok as i32
-            && let Some(component) = Component::from_name(name)
-        {
-            let reason = Reason::from_code(&c.reason).map_or("OTHER", Reason::code);
-            summary.degraded.push((component.name(), reason));
-        }
-    }
-    summary.degraded.sort_unstable();
-    summary
-}
-
 /// Orders timestamps newest first (`None` last).
 pub fn newest_first(a: Option<&Timestamp>, b: Option<&Timestamp>) -> std::cmp::Ordering {
     let key = |t: Option<&Timestamp>| t.map(|t| (t.seconds, t.nanos));
@@ -382,6 +349,7 @@ pub fn newest_first(a: Option<&Timestamp>, b: Option<&Timestamp>) -> std::cmp::O
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Reason;
 
     #[test]
     fn ids_are_checked_for_length_and_charset() {

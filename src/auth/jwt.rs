@@ -25,23 +25,7 @@ use jsonwebtoken::{
 use serde::Deserialize;
 
 use super::reload::{self, Reloading};
-use crate::config::JwtSettings;
-
-/// The algorithms bfb can be configured to accept, by name.
-pub fn algorithm(name: &str) -> Option<Algorithm> {
-    Some(match name {
-        "RS256" => Algorithm::RS256,
-        "RS384" => Algorithm::RS384,
-        "RS512" => Algorithm::RS512,
-        "PS256" => Algorithm::PS256,
-        "PS384" => Algorithm::PS384,
-        "PS512" => Algorithm::PS512,
-        "ES256" => Algorithm::ES256,
-        "ES384" => Algorithm::ES384,
-        "EdDSA" => Algorithm::EdDSA,
-        _ => return None,
-    })
-}
+use crate::config::{JwtSettings, jwt_algorithm as algorithm};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {

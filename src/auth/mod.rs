@@ -30,7 +30,6 @@ use std::{
 
 use futures::future::BoxFuture;
 use prometheus_client::metrics::{counter::Counter, family::Family};
-use prost::Message;
 use tonic::{Status, body::Body};
 use tower::{BoxError, Layer, Service, ServiceExt};
 
@@ -59,54 +58,8 @@ use self::{jwt::JwtVerifier, tls::TlsPeer};
 use crate::{
     config::{AuthMode, Config},
     error::{Denied, Error},
-    pb,
     telemetry::metrics::{ConsumerLabels, Metrics, ReasonLabels},
 };
-
-/// Every method bfb serves, `package.Service/Method`, read from the
-/// contracts: bfb's own services (not the simulator's), health and
-/// reflection.
-pub fn known_methods() -> Vec<String> {
-    let mut methods = vec![
-        "grpc.health.v1.Health/Check".to_string(),
-        "grpc.health.v1.Health/Watch".to_string(),
-        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_string(),
-        "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".to_string(),
-    ];
-    let Ok(set) = prost_types::FileDescriptorSet::decode(pb::FILE_DESCRIPTOR_SET) else {
-        return methods;
-    };
-    for file in set.file {
-        let package = file.package();
-        if !package.starts_with("bfb.") || package.starts_with("bfb.sim.") {
-            continue;
-        }
-        for service in &file.service {
-            for method in &service.method {
-                methods.push(format!("{package}.{}/{}", service.name(), method.name()));
-            }
-        }
-    }
-    methods
-}
-
-/// Whether `s` may be a scope or consumer name: 1–64 of `[A-Za-z0-9._:-]`
-/// (so cache keys, which join fields with `|`, cannot collide).
-pub fn valid_scope(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
-}
-
-/// Whether `s` is a SPIFFE trust domain name.
-pub fn valid_trust_domain(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 255
-        && s.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
-        })
-}
 
 /// The SPIFFE ID of a certificate with these URI SANs, if it has exactly
 /// one, in `trust_domain`.
@@ -369,7 +322,7 @@ mod tests {
 
     #[test]
     fn known_methods_come_from_the_contracts() {
-        let m = known_methods();
+        let m = crate::pb::known_methods();
         assert!(m.contains(&"bfb.customer.v1.CustomerAggregateService/GetCustomer".to_string()));
         assert!(m.contains(&"bfb.customer.v2.CustomerAggregateService/GetCustomer".to_string()));
         assert!(

@@ -43,9 +43,9 @@ use tokio::time::Instant;
 use crate::{
     component::Component,
     config::{CacheSettings, ComponentCache, Deadlines},
-    downstream::CallError,
-    engine::Deadline,
+    deadline::Deadline,
     error::Reason,
+    resilience::CallError,
     telemetry::{
         metrics::{CacheLabels, Metrics},
         rpc::RequestContext,

@@ -169,3 +169,37 @@ fn default_max_handshakes() -> usize {
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(5)
 }
+
+/// Whether `s` may be a scope or consumer name: 1–64 of `[A-Za-z0-9._:-]`
+/// (so cache keys, which join fields with `|`, cannot collide).
+pub fn valid_scope(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// Whether `s` is a SPIFFE trust domain name.
+pub fn valid_trust_domain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 255
+        && s.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        })
+}
+
+/// The algorithms bfb can be configured to accept, by name.
+pub fn jwt_algorithm(name: &str) -> Option<jsonwebtoken::Algorithm> {
+    Some(match name {
+        "RS256" => jsonwebtoken::Algorithm::RS256,
+        "RS384" => jsonwebtoken::Algorithm::RS384,
+        "RS512" => jsonwebtoken::Algorithm::RS512,
+        "PS256" => jsonwebtoken::Algorithm::PS256,
+        "PS384" => jsonwebtoken::Algorithm::PS384,
+        "PS512" => jsonwebtoken::Algorithm::PS512,
+        "ES256" => jsonwebtoken::Algorithm::ES256,
+        "ES384" => jsonwebtoken::Algorithm::ES384,
+        "EdDSA" => jsonwebtoken::Algorithm::EdDSA,
+        _ => return None,
+    })
+}

@@ -21,7 +21,10 @@ mod load;
 mod server;
 
 pub use self::{
-    auth::{AuthMode, AuthSettings, ConsumerSettings, JwtSettings, MtlsSettings, TlsSettings},
+    auth::{
+        AuthMode, AuthSettings, ConsumerSettings, JwtSettings, MtlsSettings, TlsSettings,
+        jwt_algorithm, valid_scope, valid_trust_domain,
+    },
     cache::{CacheSettings, ComponentCache, ComponentCacheSection},
     downstream::{
         BreakerSettings, DownstreamSettings, DownstreamTls, HedgeSettings, RetrySettings,
@@ -564,7 +567,7 @@ impl Config {
 
     fn check_auth(&self, p: &mut Problems) {
         let a = &self.auth;
-        let known = crate::auth::known_methods();
+        let known = crate::pb::known_methods();
         let is_service = |name: &str| known.iter().any(|m| m.split('/').next() == Some(name));
         for service in &a.open_services {
             if !is_service(service) {
@@ -580,7 +583,7 @@ impl Config {
                 }
                 match &a.mtls {
                     None => p.add("auth.mtls", "mode \"mtls\" needs [auth.mtls] with trust_domain"),
-                    Some(m) if !crate::auth::valid_trust_domain(&m.trust_domain) => p.add(
+                    Some(m) if !auth::valid_trust_domain(&m.trust_domain) => p.add(
                         "auth.mtls.trust_domain",
                         "must be a trust domain name like \"prod.example\" (lower-case letters, digits, . - _)",
                     ),
@@ -594,7 +597,7 @@ impl Config {
                 ),
                 Some(j) => {
                     for alg in &j.algorithms {
-                        if crate::auth::jwt::algorithm(alg).is_none() {
+                        if auth::jwt_algorithm(alg).is_none() {
                             p.add(
                                 "auth.jwt.algorithms",
                                 format!(
@@ -615,7 +618,7 @@ impl Config {
         let mut seen = std::collections::HashMap::new();
         for (name, c) in &a.consumers {
             let path = |key: &str| format!("auth.consumers.{name}.{key}");
-            if !crate::auth::valid_scope(name) {
+            if !auth::valid_scope(name) {
                 p.add(
                     format!("auth.consumers.{name}"),
                     "names may use only letters, digits and . _ : -",
@@ -658,7 +661,7 @@ impl Config {
                 }
             }
             if let Some(scope) = &c.scope
-                && !crate::auth::valid_scope(scope)
+                && !auth::valid_scope(scope)
             {
                 p.add(path("scope"), "may use only letters, digits and . _ : -");
             }

@@ -16,8 +16,8 @@ use std::{future::Future, sync::Arc, time::Duration};
 use futures::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
-use super::CallError;
-use crate::{engine::Deadline, error::Reason, telemetry::rpc::RequestContext};
+use crate::resilience::CallError;
+use crate::{deadline::Deadline, error::Reason, telemetry::rpc::RequestContext};
 
 type Reply<T> = oneshot::Sender<Result<T, CallError>>;
 

@@ -21,8 +21,7 @@ use self::loader::{BatchFn, Loader};
 use crate::{
     component::Component,
     config::{BatchSettings, Config, DownstreamSettings, DownstreamTls},
-    engine::Deadline,
-    error::Reason,
+    deadline::Deadline,
     pb::downstream::{
         calls::v1::{calls_service_client::CallsServiceClient, *},
         directory::v1::{
@@ -36,18 +35,10 @@ use crate::{
         reviews::v1::{reviews_service_client::ReviewsServiceClient, *},
         sms::v1::{sms_service_client::SmsServiceClient, *},
     },
+    resilience::CallError,
     resilience::{Call, Failed},
     telemetry::metrics::Metrics,
 };
-
-/// How a downstream call failed, as the engine needs to know it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CallError {
-    /// The downstream does not know the entity.
-    NotFound,
-    /// The call failed; the reason says how.
-    Failed(Reason),
-}
 
 /// One downstream: its resilience stack over a typed client. Cloning is
 /// cheap (a boxed stack whose layers hold their state in `Arc`s).

@@ -7,7 +7,7 @@ use prost_types::Timestamp;
 
 use crate::{
     component::{Component, ComponentSet},
-    downstream::{CallError, Loaders},
+    downstream::Loaders,
     error::{Error, Reason},
     pb::downstream::{
         calls::v1::{Call, ListCallsRequest},
@@ -15,6 +15,7 @@ use crate::{
         emails::v1::{Email, ListEmailsRequest},
         sms::v1::{ListSmsRequest, Sms},
     },
+    resilience::CallError,
 };
 
 use super::{Ask, Deadline, Engine, Entity, Outcome, fetch, needed};
@@ -180,6 +181,12 @@ impl Engine {
             Ok((names, Source::Live))
         })
         .await?;
+        self.record(&[
+            (Component::Calls, calls.state()),
+            (Component::Emails, emails.state()),
+            (Component::Sms, sms.state()),
+            (Component::Directory, names.state()),
+        ]);
         Ok(ActivityParts {
             calls,
             emails,

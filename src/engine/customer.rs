@@ -3,7 +3,7 @@
 
 use crate::{
     component::Component,
-    downstream::{CallError, Loaders},
+    downstream::Loaders,
     error::{Error, Reason},
     pb::downstream::{
         favorites::v1::{Favorite, ListFavoritesRequest},
@@ -11,6 +11,7 @@ use crate::{
         profile::v1::{GetProfileRequest, Profile},
         reviews::v1::{ListReviewsRequest, Review},
     },
+    resilience::CallError,
 };
 
 use super::{Ask, Deadline, Engine, Entity, Outcome, fetch, needed};
@@ -148,6 +149,12 @@ impl Engine {
         // component drops (cancels) the others.
         let (profile, favorites, reviews, orders) =
             tokio::try_join!(profile, favorites, reviews, orders)?;
+        self.record(&[
+            (Component::Profile, profile.state()),
+            (Component::Favorites, favorites.state()),
+            (Component::Reviews, reviews.state()),
+            (Component::Orders, orders.state()),
+        ]);
         Ok(CustomerParts {
             profile,
             favorites,

@@ -21,7 +21,6 @@
 
 pub mod activity;
 pub mod customer;
-pub mod deadline;
 
 use std::{future::Future, sync::Arc};
 
@@ -31,12 +30,14 @@ use crate::{
     cache::{Cache, Key, Policy, Source},
     component::{Component, ComponentSet},
     config::Config,
-    downstream::{CallError, Downstream, Downstreams, EndpointError, Loaders, loader::Loader},
+    downstream::{Downstream, Downstreams, EndpointError, Loaders, loader::Loader},
     error::{Error, Reason},
-    telemetry::metrics::Metrics,
+    resilience::CallError,
+    telemetry::{metrics::Metrics, rpc::record_aggregate},
 };
 
-pub use self::{activity::ActivityParts, customer::CustomerParts, deadline::Deadline};
+pub use self::{activity::ActivityParts, customer::CustomerParts};
+pub use crate::deadline::Deadline;
 
 /// What one component of an answer came to.
 #[derive(Debug)]
@@ -194,6 +195,26 @@ impl Engine {
         self.cache
             .fetch(key, policy, needed.contains(component), deadline, live)
             .await
+    }
+
+    /// Records what one aggregate came to, from its typed outcomes (not from
+    /// the answer's wire form): components fetched and those degraded.
+    fn record(&self, states: &[(Component, OutcomeState); 4]) {
+        let fetched = states
+            .iter()
+            .filter(|(_, s)| !matches!(s, OutcomeState::Skipped))
+            .count();
+        let mut degraded = [("", ""); 4];
+        let mut n = 0;
+        for &(component, state) in states {
+            let reason = match state {
+                OutcomeState::Failed(r) | OutcomeState::Ok(Source::Fallback { reason: r, .. }) => r,
+                _ => continue,
+            };
+            degraded[n] = (component.name(), reason.code());
+            n += 1;
+        }
+        record_aggregate(&self.metrics, fetched, &degraded[..n]);
     }
 
     /// The deadline of a call with these headers that arrived at `arrival`

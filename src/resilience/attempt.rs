@@ -14,8 +14,8 @@ use tracing::{Instrument, field};
 
 use crate::{
     component::Component,
-    downstream::CallError,
     error::Reason,
+    resilience::CallError,
     telemetry::{
         metrics::DownstreamMetrics,
         rpc::{code_name, propagate},

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::{
-    config::BreakerSettings, downstream::CallError, error::Reason,
+    config::BreakerSettings, error::Reason, resilience::CallError,
     telemetry::metrics::DownstreamMetrics,
 };
 
@@ -34,6 +34,17 @@ pub enum State {
     Open,
     /// A few probe calls decide whether to close again.
     HalfOpen,
+}
+
+impl State {
+    /// Its metric label and `bfb_breaker_state` gauge value.
+    pub const fn metric(self) -> (&'static str, i64) {
+        match self {
+            State::Closed => ("closed", 0),
+            State::HalfOpen => ("half_open", 1),
+            State::Open => ("open", 2),
+        }
+    }
 }
 
 /// What a finished call says about the downstream's health.
@@ -103,12 +114,6 @@ pub struct Breaker {
     settings: BreakerSettings,
     inner: Mutex<Inner>,
     metrics: Option<DownstreamMetrics>,
-}
-
-impl std::fmt::Debug for DownstreamMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DownstreamMetrics")
-    }
 }
 
 /// Permission to make one call; reports its outcome once (dropped unreported
@@ -216,7 +221,7 @@ impl Breaker {
 
     fn observe(&self, to: State) {
         if let Some(m) = &self.metrics {
-            m.transition(to);
+            m.transition(to.metric());
         }
     }
 

@@ -113,7 +113,7 @@ impl Drop for InUse {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::Deadlines, engine::Deadline};
+    use crate::{config::Deadlines, deadline::Deadline};
     use std::time::Duration;
     use tokio::sync::oneshot;
 

@@ -204,7 +204,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::Deadlines, engine::Deadline};
+    use crate::{config::Deadlines, deadline::Deadline};
     use std::sync::atomic::AtomicU32;
 
     fn call() -> Call<()> {

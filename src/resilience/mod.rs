@@ -17,7 +17,16 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 
-use crate::{downstream::CallError, engine::Deadline, error::Reason};
+use crate::{deadline::Deadline, error::Reason};
+
+/// How a downstream call failed, as the engine needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The downstream does not know the entity.
+    NotFound,
+    /// The call failed; the reason says how.
+    Failed(Reason),
+}
 
 /// One downstream call as it travels down the stack.
 #[derive(Clone, Debug)]

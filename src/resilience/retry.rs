@@ -132,7 +132,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{config::Deadlines, downstream::CallError, engine::Deadline, error::Reason};
+    use crate::{config::Deadlines, deadline::Deadline, error::Reason, resilience::CallError};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     fn call(timeout: Duration) -> Call<()> {

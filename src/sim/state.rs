@@ -13,7 +13,7 @@ use std::{
 use rand::Rng;
 use tonic::{Code, Status, metadata::MetadataMap};
 
-use crate::{component::Component, engine::deadline::parse_grpc_timeout};
+use crate::{component::Component, deadline::parse_grpc_timeout};
 
 /// How a simulated service answers.
 #[derive(Clone, Copy, Debug, PartialEq)]

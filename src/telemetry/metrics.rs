@@ -20,7 +20,7 @@ use prometheus_client::{
 };
 use tokio::net::TcpListener;
 
-use crate::{component::Component, error::Reason, resilience::breaker::State};
+use crate::{component::Component, error::Reason};
 
 /// Labels of inbound RPC series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -481,13 +481,9 @@ impl DownstreamHandles {
             .observe(seconds);
     }
 
-    /// Records a breaker transition.
-    pub fn transition(&self, to: State) {
-        let (value, name) = match to {
-            State::Closed => (0, "closed"),
-            State::HalfOpen => (1, "half_open"),
-            State::Open => (2, "open"),
-        };
+    /// Records a breaker transition to the state named `name` (`closed`,
+    /// `half_open`, `open`) whose gauge value is `value`.
+    pub fn transition(&self, (name, value): (&'static str, i64)) {
         self.breaker_state.set(value);
         self.metrics
             .breaker_transitions
@@ -496,6 +492,12 @@ impl DownstreamHandles {
                 to: name,
             })
             .inc();
+    }
+}
+
+impl std::fmt::Debug for DownstreamMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DownstreamMetrics")
     }
 }
 

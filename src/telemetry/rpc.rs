@@ -3,7 +3,11 @@
 //! and passed downstream), one info log line, and the RPC metrics. And the
 //! carriers that move trace context and request id through gRPC metadata.
 
-use std::{future::Future, sync::Arc, time::Instant};
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use opentelemetry::propagation::{Extractor, Injector};
 use tonic::{
@@ -26,7 +30,8 @@ pub const CONSUMER: &str = "x-bfb-consumer";
 /// on downstream calls.
 pub const PRINCIPAL: &str = "x-bfb-principal";
 
-/// What downstream calls made for an RPC carry: its request id and who asked.
+/// What downstream calls made for an RPC carry: its request id and who asked;
+/// and where the engine tallies the RPC's aggregates.
 #[derive(Clone, Debug)]
 pub struct RequestContext {
     /// The request id.
@@ -35,6 +40,50 @@ pub struct RequestContext {
     pub consumer: Arc<str>,
     /// The authenticated identity.
     pub principal: Arc<str>,
+    /// The RPC's `method` label.
+    pub method: &'static str,
+    /// Degraded components of the RPC's aggregates, for its log line.
+    tally: Arc<Tally>,
+}
+
+/// The degraded components of one RPC's aggregates (`component:REASON`),
+/// at most [`MAX_TALLY`]: a batch or stream may have many.
+#[derive(Debug, Default)]
+struct Tally(Mutex<Vec<(&'static str, &'static str)>>);
+
+/// Degraded components the log line of one RPC lists at most.
+const MAX_TALLY: usize = 16;
+
+/// Records what one aggregate of the current RPC came to, from the engine's
+/// typed outcomes: `fetched` components were asked of downstreams, and
+/// `degraded` (component, reason code) were not OK. Batch and stream RPCs
+/// record once per entity. Counted in `bfb_fanout_components{method}` and
+/// `bfb_degraded_responses_total`, and listed on the RPC's log line.
+pub fn record_aggregate(
+    metrics: &Metrics,
+    fetched: usize,
+    degraded: &[(&'static str, &'static str)],
+) {
+    let method = CURRENT.try_with(|cx| cx.method).unwrap_or("unknown");
+    metrics
+        .fanout
+        .get_or_create(&MethodLabels { method })
+        .observe(fetched as f64);
+    for &(component, reason) in degraded {
+        metrics
+            .degraded
+            .get_or_create(&DegradedLabels { component, reason })
+            .inc();
+    }
+    if !degraded.is_empty() {
+        let _ = CURRENT.try_with(|cx| {
+            // Poisoned only by a panic while pushing, which cannot happen.
+            if let Ok(mut list) = cx.tally.0.lock() {
+                let room = MAX_TALLY.saturating_sub(list.len());
+                list.extend(degraded.iter().take(room));
+            }
+        });
+    }
 }
 
 tokio::task_local! {
@@ -153,22 +202,16 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// What the wrapper needs to know about an answer.
-pub struct Summary {
-    /// Components fetched.
-    pub fetched: usize,
-    /// Components not OK, with their reason codes.
-    pub degraded: Vec<(&'static str, &'static str)>,
-}
-
 /// Runs one RPC handler `f` with its span, request id, log line and
-/// metrics, on behalf of `consumer` authenticated as `principal`.
+/// metrics, on behalf of `consumer` authenticated as `principal`. What the
+/// answer's aggregates came to is recorded by the engine as it makes them
+/// ([`record_aggregate`]); streams run their work in the RPC's
+/// [`RequestContext`] (taken with [`RequestContext::current`]).
 pub async fn observe<T, F>(
     metrics: &Metrics,
     method: &'static str,
     metadata: &MetadataMap,
     (consumer, principal): (&Arc<str>, &Arc<str>),
-    summarize: impl FnOnce(&T) -> Summary,
     f: F,
 ) -> Result<Response<T>, Status>
 where
@@ -192,44 +235,35 @@ where
     // Only fails when no OpenTelemetry layer is installed; then there is no trace to join.
     let _ = span.set_parent(parent);
 
+    let tally = Arc::new(Tally::default());
     let context = RequestContext {
         request_id: request_id.clone(),
         consumer: consumer.clone(),
         principal: principal.clone(),
+        method,
+        tally: tally.clone(),
     };
     let result = CURRENT.scope(context, f).instrument(span.clone()).await;
 
-    let (code, summary) = match &result {
-        Ok(r) => (Code::Ok, Some(summarize(r.get_ref()))),
-        Err(s) => (s.code(), None),
-    };
+    let code = code_name(match &result {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    });
     let elapsed = started.elapsed();
-    let code = code_name(code);
     metrics
         .rpc_duration
         .get_or_create(&RpcLabels { method, code })
         .observe(elapsed.as_secs_f64());
-    let degraded = summary
-        .as_ref()
-        .map(|s| s.degraded.as_slice())
+    let degraded_list = tally
+        .0
+        .lock()
+        .map(|list| {
+            list.iter()
+                .map(|(c, r)| format!("{c}:{r}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_default();
-    if let Some(s) = &summary {
-        metrics
-            .fanout
-            .get_or_create(&MethodLabels { method })
-            .observe(s.fetched as f64);
-        for &(component, reason) in &s.degraded {
-            metrics
-                .degraded
-                .get_or_create(&DegradedLabels { component, reason })
-                .inc();
-        }
-    }
-    let degraded_list = degraded
-        .iter()
-        .map(|(c, r)| format!("{c}:{r}"))
-        .collect::<Vec<_>>()
-        .join(",");
     span.record("rpc.grpc.status_code", code);
     if !degraded_list.is_empty() {
         span.record("degraded", degraded_list.as_str());
