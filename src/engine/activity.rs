@@ -18,7 +18,7 @@ use crate::{
     resilience::CallError,
 };
 
-use super::{Ask, Deadline, Engine, Entity, Outcome, fetch, needed};
+use super::{Ask, Deadline, Engine, Entity, Job, Outcome, fetch, needed};
 use crate::cache::Source;
 
 /// A validated time window; either bound may be open.
@@ -55,85 +55,62 @@ impl Engine {
         deadline: Deadline,
         loaders: Option<&Loaders>,
     ) -> Result<ActivityParts, Error> {
-        let Ask {
-            requested,
-            completeness,
-            policy,
-        } = ask;
-        let needed = needed(requested, self.activity_required, completeness);
         let ds = &self.downstreams;
+        let requested = ask.requested;
+        let needed = needed(requested, self.activity_required, ask.completeness);
         // No channel owns a user: any channel's NOT_FOUND is the user's.
         let entity = Entity {
             kind: "user",
             id,
             owner: None,
         };
-        let span = Some((
-            window.start.map(|t| t.seconds),
-            window.end.map(|t| t.seconds),
-        ));
+        let job = Job {
+            entity,
+            scope,
+            window: Some((
+                window.start.map(|t| t.seconds),
+                window.end.map(|t| t.seconds),
+            )),
+            requested,
+            needed,
+            policy: ask.policy,
+            deadline,
+            loaders,
+        };
         let user_id = || id.to_string();
-
-        let calls = fetch(Component::Calls, requested, needed, entity, || async {
-            let msg = ListCallsRequest {
+        let calls = self.part(
+            &job,
+            Component::Calls,
+            (&ds.calls, |l| &l.calls),
+            || ListCallsRequest {
                 user_id: user_id(),
                 start_time: window.start,
                 end_time: window.end,
-            };
-            let (resp, source) = self
-                .cached(
-                    Component::Calls,
-                    (scope, id),
-                    span,
-                    policy,
-                    needed,
-                    deadline,
-                    (&ds.calls, loaders.map(|l| &l.calls)),
-                    msg,
-                )
-                .await?;
-            Ok((resp.calls, source))
-        });
-        let emails = fetch(Component::Emails, requested, needed, entity, || async {
-            let msg = ListEmailsRequest {
+            },
+            |r| Ok(r.calls),
+        );
+        let emails = self.part(
+            &job,
+            Component::Emails,
+            (&ds.emails, |l| &l.emails),
+            || ListEmailsRequest {
                 user_id: user_id(),
                 start_time: window.start,
                 end_time: window.end,
-            };
-            let (resp, source) = self
-                .cached(
-                    Component::Emails,
-                    (scope, id),
-                    span,
-                    policy,
-                    needed,
-                    deadline,
-                    (&ds.emails, loaders.map(|l| &l.emails)),
-                    msg,
-                )
-                .await?;
-            Ok((resp.emails, source))
-        });
-        let sms = fetch(Component::Sms, requested, needed, entity, || async {
-            let msg = ListSmsRequest {
+            },
+            |r| Ok(r.emails),
+        );
+        let sms = self.part(
+            &job,
+            Component::Sms,
+            (&ds.sms, |l| &l.sms),
+            || ListSmsRequest {
                 user_id: user_id(),
                 start_time: window.start,
                 end_time: window.end,
-            };
-            let (resp, source) = self
-                .cached(
-                    Component::Sms,
-                    (scope, id),
-                    span,
-                    policy,
-                    needed,
-                    deadline,
-                    (&ds.sms, loaders.map(|l| &l.sms)),
-                    msg,
-                )
-                .await?;
-            Ok((resp.messages, source))
-        });
+            },
+            |r| Ok(r.messages),
+        );
         let (calls, emails, sms) = tokio::try_join!(calls, emails, sms)?;
 
         let ids = counterparties(&calls, &emails, &sms);

@@ -14,7 +14,7 @@ use crate::{
     resilience::CallError,
 };
 
-use super::{Ask, Deadline, Engine, Entity, Outcome, fetch, needed};
+use super::{Ask, Deadline, Engine, Entity, Job, Outcome, needed};
 
 /// The downstream data of one customer, as fetched; adapters shape it.
 #[derive(Debug)]
@@ -57,93 +57,58 @@ impl Engine {
         deadline: Deadline,
         loaders: Option<&Loaders>,
     ) -> Result<CustomerParts, Error> {
-        let Ask {
-            requested,
-            completeness,
-            policy,
-        } = ask;
-        let needed = needed(requested, self.customer_required, completeness);
         let ds = &self.downstreams;
-        let entity = Entity {
-            kind: "customer",
-            id,
-            owner: Some(Component::Profile),
+        let job = Job {
+            entity: Entity {
+                kind: "customer",
+                id,
+                owner: Some(Component::Profile),
+            },
+            scope,
+            window: None,
+            requested: ask.requested,
+            needed: needed(ask.requested, self.customer_required, ask.completeness),
+            policy: ask.policy,
+            deadline,
+            loaders,
         };
         let customer_id = || id.to_string();
-
-        let profile = fetch(Component::Profile, requested, needed, entity, || async {
-            let msg = GetProfileRequest {
+        let profile = self.part(
+            &job,
+            Component::Profile,
+            (&ds.profile, |l| &l.profile),
+            || GetProfileRequest {
                 customer_id: customer_id(),
-            };
-            let (resp, source) = self
-                .cached(
-                    Component::Profile,
-                    (scope, id),
-                    None,
-                    policy,
-                    needed,
-                    deadline,
-                    (&ds.profile, loaders.map(|l| &l.profile)),
-                    msg,
-                )
-                .await?;
-            let profile = resp.profile.ok_or(CallError::Failed(Reason::BadResponse))?;
-            Ok((profile, source))
-        });
-        let favorites = fetch(Component::Favorites, requested, needed, entity, || async {
-            let msg = ListFavoritesRequest {
+            },
+            |r| r.profile.ok_or(CallError::Failed(Reason::BadResponse)),
+        );
+        let favorites = self.part(
+            &job,
+            Component::Favorites,
+            (&ds.favorites, |l| &l.favorites),
+            || ListFavoritesRequest {
                 customer_id: customer_id(),
-            };
-            let (resp, source) = self
-                .cached(
-                    Component::Favorites,
-                    (scope, id),
-                    None,
-                    policy,
-                    needed,
-                    deadline,
-                    (&ds.favorites, loaders.map(|l| &l.favorites)),
-                    msg,
-                )
-                .await?;
-            Ok((resp.favorites, source))
-        });
-        let reviews = fetch(Component::Reviews, requested, needed, entity, || async {
-            let msg = ListReviewsRequest {
+            },
+            |r| Ok(r.favorites),
+        );
+        let reviews = self.part(
+            &job,
+            Component::Reviews,
+            (&ds.reviews, |l| &l.reviews),
+            || ListReviewsRequest {
                 customer_id: customer_id(),
-            };
-            let (resp, source) = self
-                .cached(
-                    Component::Reviews,
-                    (scope, id),
-                    None,
-                    policy,
-                    needed,
-                    deadline,
-                    (&ds.reviews, loaders.map(|l| &l.reviews)),
-                    msg,
-                )
-                .await?;
-            Ok((resp.reviews, source))
-        });
-        let orders = fetch(Component::Orders, requested, needed, entity, || async {
-            let msg = ListOrdersRequest {
+            },
+            |r| Ok(r.reviews),
+        );
+        let orders = self.part(
+            &job,
+            Component::Orders,
+            (&ds.orders, |l| &l.orders),
+            || ListOrdersRequest {
                 customer_id: customer_id(),
-            };
-            let (resp, source) = self
-                .cached(
-                    Component::Orders,
-                    (scope, id),
-                    None,
-                    policy,
-                    needed,
-                    deadline,
-                    (&ds.orders, loaders.map(|l| &l.orders)),
-                    msg,
-                )
-                .await?;
-            Ok((resp.orders, source))
-        });
+            },
+            |r| Ok(r.orders),
+        );
 
         // One task, four futures: no spawn per call, and a failing required
         // component drops (cancels) the others.

@@ -154,18 +154,35 @@ impl Engine {
         &self.batching
     }
 
+    /// One component of `job`: skipped unless requested; else the
+    /// downstream's answer to `message()` (through the cache and the job's
+    /// loader), `shape`d, with the failure rules applied ([`fetch`]).
+    async fn part<M, T, R>(
+        &self,
+        job: &Job<'_>,
+        component: Component,
+        downstream: (&Downstream<M, T>, LoaderOf<M, T>),
+        message: impl FnOnce() -> M,
+        shape: impl FnOnce(T) -> Result<R, CallError>,
+    ) -> Result<Outcome<R>, Error>
+    where
+        M: Clone + Send + Sync + 'static,
+        T: prost::Message + Default + Send + 'static,
+    {
+        fetch(component, job.requested, job.needed, job.entity, || async {
+            let (answer, source) = self.cached(job, component, downstream, message()).await?;
+            Ok((shape(answer)?, source))
+        })
+        .await
+    }
+
     /// One component's downstream answer, through the cache when the
-    /// component is cached. `key` is (the caller's scope, the entity id).
-    #[allow(clippy::too_many_arguments)]
+    /// component is cached.
     async fn cached<M, T>(
         &self,
+        job: &Job<'_>,
         component: Component,
-        key: (&str, &str),
-        window: Option<(Option<i64>, Option<i64>)>,
-        policy: Policy,
-        needed: ComponentSet,
-        deadline: Deadline,
-        (downstream, loader): (&Downstream<M, T>, Option<&Loader<M, T>>),
+        (downstream, loader_of): (&Downstream<M, T>, LoaderOf<M, T>),
         message: M,
     ) -> Result<(T, Source), CallError>
     where
@@ -174,7 +191,7 @@ impl Engine {
     {
         // Live data comes from the request's loader (batched with its other
         // lookups) when it has one, else from a single call.
-        let (ds, loader) = (downstream.clone(), loader.cloned());
+        let (ds, loader) = (downstream.clone(), job.loaders.map(loader_of).cloned());
         let live = move |d: Deadline| match &loader {
             Some(l) => Either::Left(l.load(message.clone())),
             None => {
@@ -183,17 +200,17 @@ impl Engine {
             }
         };
         if !self.cache.enabled(component) {
-            return live(deadline).await.map(|v| (v, Source::Live));
+            return live(job.deadline).await.map(|v| (v, Source::Live));
         }
-        let (scope, id) = key;
         let key = Key {
             component,
-            scope,
-            id,
-            window,
+            scope: job.scope,
+            id: job.entity.id,
+            window: job.window,
         };
+        let needed = job.needed.contains(component);
         self.cache
-            .fetch(key, policy, needed.contains(component), deadline, live)
+            .fetch(key, job.policy, needed, job.deadline, live)
             .await
     }
 
@@ -239,6 +256,26 @@ fn needed(
         Completeness::All => requested,
         Completeness::BestEffort => configured.intersect(requested),
     }
+}
+
+/// Picks a downstream's loader out of a request's [`Loaders`].
+type LoaderOf<M, T> = fn(&Loaders) -> &Loader<M, T>;
+
+/// One aggregate request as the engine works on it: which entity, for whom,
+/// what is asked and needed, until when, and how lookups are batched.
+#[derive(Clone, Copy)]
+struct Job<'a> {
+    entity: Entity<'a>,
+    /// The caller's cache scope.
+    scope: &'a str,
+    /// The time window (activity), part of cache keys.
+    window: Option<(Option<i64>, Option<i64>)>,
+    requested: ComponentSet,
+    needed: ComponentSet,
+    policy: Policy,
+    deadline: Deadline,
+    /// The request's loaders, when it batches its lookups.
+    loaders: Option<&'a Loaders>,
 }
 
 /// The entity an aggregate is about.
