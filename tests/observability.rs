@@ -27,11 +27,7 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, any_value::Value},
     trace::v1::Span,
 };
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::TcpListener,
-    process::Child,
-};
+use tokio::{io::AsyncWriteExt, net::TcpListener, process::Child};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
@@ -202,26 +198,7 @@ async fn spawn_bfb(sim: SocketAddr, edit: impl FnOnce(String) -> String) -> (Chi
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("bfb.toml");
     std::fs::write(&path, edit(config)).expect("write config");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bfb"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn bfb");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .await
-        .expect("read");
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .and_then(|a| a.parse().ok())
-        .expect("address");
-    (child, addr)
+    common::spawn_bfb_process(&["serve".as_ref(), "--config".as_ref(), path.as_os_str()]).await
 }
 
 fn sigterm(child: &Child) {

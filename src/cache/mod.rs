@@ -25,6 +25,7 @@
 //!   both tiers and publishes the invalidation; every replica subscribes and
 //!   drops its in-process entries.
 
+mod key;
 pub mod shared;
 pub mod singleflight;
 
@@ -52,6 +53,7 @@ use crate::{
     },
 };
 
+pub use self::key::Key;
 use self::{shared::SharedTier, singleflight::SingleFlight};
 
 /// How the caller wants the cache used.
@@ -95,37 +97,6 @@ struct Entry {
 impl Entry {
     fn age(&self) -> Duration {
         self.written.elapsed()
-    }
-}
-
-/// A cache key: everything that changes the answer.
-pub struct Key<'a> {
-    /// The component (and so the downstream and its contract version).
-    pub component: Component,
-    /// The consumer's visibility scope ("" until authorization exists).
-    pub scope: &'a str,
-    /// The entity id.
-    pub id: &'a str,
-    /// The time window, for windowed components.
-    pub window: Option<(Option<i64>, Option<i64>)>,
-}
-
-impl Key<'_> {
-    fn render(&self) -> String {
-        let bound = |b: Option<i64>| b.map_or_else(|| "-".to_string(), |v| v.to_string());
-        let window = self.window.map_or_else(
-            || "-".to_string(),
-            |(s, e)| format!("{}..{}", bound(s), bound(e)),
-        );
-        // Ids and scopes cannot contain '|' (validated), so keys cannot collide.
-        format!(
-            "{}|{}|{}|{}|{}",
-            self.component.contract(),
-            self.component.name(),
-            self.scope,
-            self.id,
-            window
-        )
     }
 }
 
@@ -216,22 +187,12 @@ impl Cache {
         cache
     }
 
-    /// Whether `key` belongs to entity `id` (and one of `components`, if any).
-    fn key_matches(key: &str, id: &str, components: &[Component]) -> bool {
-        let mut parts = key.split('|');
-        let (_contract, component, _scope, key_id) =
-            (parts.next(), parts.next(), parts.next(), parts.next());
-        key_id == Some(id)
-            && (components.is_empty()
-                || component.is_some_and(|c| components.iter().any(|x| x.name() == c)))
-    }
-
     /// Drops this replica's entries of `id`; returns how many.
     async fn drop_local(&self, id: &str, components: &[Component]) -> u64 {
         let doomed: Vec<Arc<String>> = self
             .store
             .iter()
-            .filter(|(k, _)| Cache::key_matches(k, id, components))
+            .filter(|(k, _)| key::belongs_to(k, id, components))
             .map(|(k, _)| k)
             .collect();
         for k in &doomed {
@@ -249,13 +210,10 @@ impl Cache {
             Some(shared) => {
                 let names: Vec<&str> = components.iter().map(|c| c.name()).collect();
                 let payload = format!("{id}|{}", names.join(","));
-                // Ids cannot contain glob characters (validated), so this
-                // pattern is exact up to the component filter.
-                let pattern = format!("*|{id}|*");
                 shared
                     .invalidate(
-                        &pattern,
-                        |k| Cache::key_matches(k, id, components),
+                        &key::pattern(id),
+                        |k| key::belongs_to(k, id, components),
                         &payload,
                     )
                     .await

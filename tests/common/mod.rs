@@ -117,17 +117,17 @@ pub async fn start_bfb(sim: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Bfb 
     }
 }
 
-/// `bfb sim` as its own process on `addr` with further `args` (e.g.
-/// `--services orders`); returns the process and the address it serves on.
-pub async fn sim_process(addr: &str, args: &[&str]) -> (tokio::process::Child, SocketAddr) {
+/// The `bfb` binary run with `args` as its own process (killed when
+/// dropped); returns it and the address it serves on, read from the first
+/// line it prints (`... listening on ADDR`).
+pub async fn spawn_bfb_process(args: &[&std::ffi::OsStr]) -> (tokio::process::Child, SocketAddr) {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bfb"))
-        .args(["sim", "--listen", addr])
         .args(args)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .expect("spawn sim");
+        .expect("spawn bfb");
     let mut line = String::new();
     tokio::io::BufReader::new(child.stdout.take().expect("stdout"))
         .read_line(&mut line)
@@ -138,8 +138,16 @@ pub async fn sim_process(addr: &str, args: &[&str]) -> (tokio::process::Child, S
         .rsplit(' ')
         .next()
         .and_then(|a| a.parse().ok())
-        .expect("address");
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
     (child, addr)
+}
+
+/// `bfb sim` as its own process on `addr` with further `args` (e.g.
+/// `--services orders`); returns the process and the address it serves on.
+pub async fn sim_process(addr: &str, args: &[&str]) -> (tokio::process::Child, SocketAddr) {
+    let mut all: Vec<&std::ffi::OsStr> = ["sim", "--listen", addr].map(AsRef::as_ref).to_vec();
+    all.extend(args.iter().map(AsRef::<std::ffi::OsStr>::as_ref));
+    spawn_bfb_process(&all).await
 }
 
 /// A sim with every service at `latency`.
