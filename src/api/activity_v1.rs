@@ -9,7 +9,10 @@ use tonic_types::FieldViolation;
 
 use crate::{
     component::Component,
-    engine::{ActivityParts, Ask, Engine, activity::Window},
+    engine::{
+        ActivityParts, Ask, Engine,
+        activity::{Users, Window},
+    },
     error::Error,
     pb::{
         bfb::activity::v1::{
@@ -21,12 +24,11 @@ use crate::{
         },
         downstream,
     },
-    telemetry::rpc::RequestContext,
 };
 
 use super::{
-    Rpc, aggregate_status, check_common, check_options, check_timestamp, handle, newest_first,
-    rpc_status,
+    Common, Rpc, aggregate_status, check_common, check_options, check_timestamp, handle,
+    newest_first, rpc_status,
 };
 
 /// The v1 user-activity service.
@@ -71,86 +73,58 @@ impl UserActivityService for ActivityV1 {
     }
 }
 
-/// The users of a stream: explicit ids, or a numbered range made on the fly
-/// (a range of 100,000 users is never held as strings at once).
-enum Users {
-    Ids(Vec<String>),
-    Range {
-        prefix: String,
-        first: u64,
-        count: u32,
-    },
-}
-
-impl Users {
-    fn check(users: Option<Users>, max: u32, v: &mut Vec<FieldViolation>) -> Users {
-        let Some(users) = users else {
-            v.push(FieldViolation::new("users", "set user_ids or user_range"));
-            return Users::Ids(Vec::new());
-        };
-        match &users {
-            Users::Ids(ids) => {
-                super::check_ids("user_ids.ids", ids, max as usize, v);
+/// Checks a stream's users: ids, or a range served whole (never cut short).
+fn check_users(users: Option<Users>, max: u32, v: &mut Vec<FieldViolation>) -> Users {
+    let Some(users) = users else {
+        v.push(FieldViolation::new("users", "set user_ids or user_range"));
+        return Users::Ids(Vec::new());
+    };
+    match &users {
+        Users::Ids(ids) => {
+            super::check_ids("user_ids.ids", ids, max as usize, v);
+        }
+        Users::Range {
+            prefix,
+            first,
+            count,
+        } => {
+            if *count == 0 || *count > max {
+                v.push(FieldViolation::new(
+                    "user_range.count",
+                    format!("must be between 1 and {max}"),
+                ));
             }
-            Users::Range {
-                prefix,
-                first,
-                count,
-            } => {
-                if *count == 0 || *count > max {
-                    v.push(FieldViolation::new(
-                        "user_range.count",
-                        format!("must be between 1 and {max}"),
-                    ));
-                }
-                let Some(last) = first.checked_add(u64::from(*count).saturating_sub(1)) else {
-                    // Never served short: a range past the largest number is refused.
-                    v.push(FieldViolation::new(
-                        "user_range",
-                        format!(
-                            "first + count - 1 is past the largest number (2^64 - 1); \
+            let Some(last) = first.checked_add(u64::from(*count).saturating_sub(1)) else {
+                // Never served short: a range past the largest number is refused.
+                v.push(FieldViolation::new(
+                    "user_range",
+                    format!(
+                        "first + count - 1 is past the largest number (2^64 - 1); \
                              at most {} users from this first",
-                            u64::MAX - first + 1
-                        ),
-                    ));
-                    return users;
-                };
-                // Every id of the range must be a valid id; the longest is
-                // the last one.
-                let last_id = format!("{prefix}{last}");
-                if last_id.len() > super::MAX_ID_LEN {
-                    v.push(FieldViolation::new(
-                        "user_range",
-                        format!(
-                            "the range's last id is {} characters, over the {} an id may have; \
+                        u64::MAX - first + 1
+                    ),
+                ));
+                return users;
+            };
+            // Every id of the range must be a valid id; the longest is
+            // the last one.
+            let last_id = format!("{prefix}{last}");
+            if last_id.len() > super::MAX_ID_LEN {
+                v.push(FieldViolation::new(
+                    "user_range",
+                    format!(
+                        "the range's last id is {} characters, over the {} an id may have; \
                              shorten the prefix or lower first + count",
-                            last_id.len(),
-                            super::MAX_ID_LEN
-                        ),
-                    ));
-                } else {
-                    super::check_id("user_range.prefix", &last_id, v);
-                }
+                        last_id.len(),
+                        super::MAX_ID_LEN
+                    ),
+                ));
+            } else {
+                super::check_id("user_range.prefix", &last_id, v);
             }
         }
-        users
     }
-
-    fn into_iter(self) -> Box<dyn Iterator<Item = String> + Send> {
-        match self {
-            Users::Ids(ids) => Box::new(ids.into_iter()),
-            Users::Range {
-                prefix,
-                first,
-                count,
-            } => Box::new(
-                // Inclusive: a checked range may end at u64::MAX itself.
-                (first..=first.saturating_add(u64::from(count).saturating_sub(1)))
-                    .take(count as usize)
-                    .map(move |n| format!("{prefix}{n}")),
-            ),
-        }
-    }
+    users
 }
 
 impl ActivityV1 {
@@ -160,7 +134,6 @@ impl ActivityV1 {
         call: Rpc,
     ) -> Result<Response<BoxStream<'static, Result<StreamUserActivityResponse, Status>>>, Status>
     {
-        let batching = self.engine.batching();
         let mut violations = Vec::new();
         let users = req.users.map(|u| match u {
             stream_user_activity_request::Users::UserIds(ids) => Users::Ids(ids.ids),
@@ -170,7 +143,8 @@ impl ActivityV1 {
                 count: r.count,
             },
         });
-        let users = Users::check(users, batching.stream_max_users, &mut violations);
+        let max = self.engine.batching().stream_max_users;
+        let users = check_users(users, max, &mut violations);
         let window = check_window(req.window, &mut violations);
         let c = check_options(
             req.read_mask.as_ref(),
@@ -182,94 +156,44 @@ impl ActivityV1 {
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
-        let mut requested = c.authorize(&call.caller)?;
-        if call.caller.components().contains(Component::Directory) {
-            requested = requested.with(Component::Directory);
-        }
-        let engine = self.engine.clone();
-        let deadline = call.deadline;
-        let loaders = engine.loaders(deadline);
-        let caller = call.caller;
-        let in_flight = batching.stream_in_flight;
-        // Users are fetched in chunks of `in_flight`, each chunk's lookups
-        // batched together, with the next chunk fetched while this one is
-        // being sent: at most two chunks are held, and the next is started
-        // only when the caller has taken this one (tonic takes a message only
-        // when HTTP/2 flow control lets it send). Chunks, not a sliding
-        // window: refilling one user at a time would send tiny batches.
-        // tonic polls the stream outside the RPC's task scope: each item's
-        // work runs in the RPC's context again, so its outcomes are counted
-        // against this RPC.
-        let context = RequestContext::current();
-        let fetch_one = move |user_id: String| {
-            let (engine, loaders, caller, window, context) = (
-                engine.clone(),
-                loaders.clone(),
-                caller.clone(),
-                window.clone(),
-                context.clone(),
-            );
-            let work = async move {
-                let answer = engine
-                    .activity(
-                        (caller.scope(), &user_id),
-                        &window,
-                        Ask {
-                            requested,
-                            completeness: c.completeness,
-                            policy: c.policy,
-                        },
-                        deadline,
-                        Some(&loaders),
-                    )
-                    .await;
-                match answer {
-                    Ok(parts) => {
-                        let r = shape(user_id.clone(), parts);
-                        StreamUserActivityResponse {
-                            user_id,
-                            activity: r.activity,
-                            status: r.status,
-                            error: None,
-                        }
-                    }
-                    Err(e) => StreamUserActivityResponse {
+        let ask = ask(&c, &call)?;
+        let scope = Arc::from(call.caller.scope());
+        let stream = self
+            .engine
+            .activity_stream(scope, users, window, ask, call.deadline)
+            .map(|item| match item {
+                Ok((user_id, Ok(parts))) => {
+                    let r = shape(user_id.clone(), parts);
+                    Ok(StreamUserActivityResponse {
                         user_id,
-                        error: Some(rpc_status(e)),
-                        ..Default::default()
-                    },
+                        activity: r.activity,
+                        status: r.status,
+                        error: None,
+                    })
                 }
-            };
-            async move {
-                match context {
-                    Some(cx) => cx.scope(work).await,
-                    None => work.await,
-                }
-            }
-        };
-        let items = futures::stream::iter(users.into_iter())
-            .chunks(in_flight)
-            .map(move |chunk| futures::future::join_all(chunk.into_iter().map(&fetch_one)))
-            .buffered(2)
-            .flat_map(futures::stream::iter);
-        // The caller's deadline covers the whole stream: once it has passed,
-        // the stream ends with DEADLINE_EXCEEDED.
-        let stream = items
-            .map(Some)
-            .chain(futures::stream::once(async { None }))
-            .scan(false, move |ended, item| {
-                let out = if *ended {
-                    None
-                } else if tokio::time::Instant::now() >= deadline.at() {
-                    *ended = true;
-                    Some(Err(Status::from(Error::DeadlineExceeded)))
-                } else {
-                    item.map(Ok)
-                };
-                std::future::ready(out)
+                Ok((user_id, Err(e))) => Ok(StreamUserActivityResponse {
+                    user_id,
+                    error: Some(rpc_status(e)),
+                    ..Default::default()
+                }),
+                Err(e) => Err(Status::from(e)),
             });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// What an activity caller gets: the components it asked for (narrowed by
+/// authorization), and counterparties named when it may read the directory.
+fn ask(c: &Common, call: &Rpc) -> Result<Ask, Error> {
+    let mut requested = c.authorize(&call.caller)?;
+    if call.caller.components().contains(Component::Directory) {
+        requested = requested.with(Component::Directory);
+    }
+    Ok(Ask {
+        requested,
+        completeness: c.completeness,
+        policy: c.policy,
+    })
 }
 
 impl ActivityV1 {
@@ -292,21 +216,12 @@ impl ActivityV1 {
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
-        // Counterparties are named when the caller may read the directory.
-        let mut requested = c.authorize(&call.caller)?;
-        if call.caller.components().contains(Component::Directory) {
-            requested = requested.with(Component::Directory);
-        }
         let parts = self
             .engine
             .activity(
                 (call.caller.scope(), &req.user_id),
                 &window,
-                Ask {
-                    requested,
-                    completeness: c.completeness,
-                    policy: c.policy,
-                },
+                ask(&c, &call)?,
                 call.deadline,
                 None,
             )
@@ -498,7 +413,7 @@ mod tests {
 
     fn range(prefix: &str, first: u64, count: u32) -> (Vec<FieldViolation>, Users) {
         let mut v = Vec::new();
-        let users = Users::check(
+        let users = check_users(
             Some(Users::Range {
                 prefix: prefix.into(),
                 first,
@@ -519,7 +434,7 @@ mod tests {
 
         let (v, users) = range("", u64::MAX - 2, 3);
         assert!(v.is_empty(), "{v:?}");
-        let ids: Vec<_> = users.into_iter().collect();
+        let ids: Vec<_> = users.into_ids().collect();
         assert_eq!(ids.len(), 3, "ends at u64::MAX itself: {ids:?}");
         assert_eq!(ids[2], u64::MAX.to_string());
 

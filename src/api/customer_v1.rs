@@ -6,8 +6,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     component::Component,
-    engine::{Ask, CustomerParts, Engine},
-    error::Error,
+    engine::{CustomerParts, Engine},
     pb::{
         bfb::customer::v1::{
             BatchGetCustomersRequest, BatchGetCustomersResponse, Customer, CustomerResult,
@@ -19,7 +18,7 @@ use crate::{
     },
 };
 
-use super::{Rpc, aggregate_status, check_common, fetch_customers, handle, rpc_status};
+use super::{Rpc, aggregate_status, fetch_customer, fetch_customers, handle, rpc_status};
 
 /// How many recent reviews and orders v1 returns.
 const RECENT: usize = 10;
@@ -65,33 +64,15 @@ impl CustomerV1 {
         req: GetCustomerRequest,
         call: Rpc,
     ) -> Result<Response<GetCustomerResponse>, Status> {
-        let mut violations = Vec::new();
-        let c = check_common(
-            "customer_id",
+        let parts = fetch_customer(
+            &self.engine,
+            &call,
             &req.customer_id,
             req.read_mask.as_ref(),
-            &Component::CUSTOMER,
-            req.completeness,
-            req.cache.as_ref(),
-            &mut violations,
-        );
-        if !violations.is_empty() {
-            return Err(Error::InvalidArgument(violations).into());
-        }
-        let requested = c.authorize(&call.caller)?;
-        let parts = self
-            .engine
-            .customer(
-                (call.caller.scope(), &req.customer_id),
-                Ask {
-                    requested,
-                    completeness: c.completeness,
-                    policy: c.policy,
-                },
-                call.deadline,
-                None,
-            )
-            .await?;
+            (req.completeness, req.cache.as_ref()),
+            Vec::new(),
+        )
+        .await?;
         Ok(Response::new(shape(req.customer_id, parts)))
     }
 }

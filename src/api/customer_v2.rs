@@ -10,8 +10,7 @@ use tonic_types::FieldViolation;
 
 use crate::{
     component::Component,
-    engine::{Ask, CustomerParts, Engine},
-    error::Error,
+    engine::{CustomerParts, Engine},
     pb::{
         bfb::customer::v2::{
             BatchGetCustomersRequest, BatchGetCustomersResponse, CurrencyTotal, Customer,
@@ -23,7 +22,7 @@ use crate::{
     },
 };
 
-use super::{Rpc, aggregate_status, check_common, fetch_customers, handle, rpc_status};
+use super::{Rpc, aggregate_status, fetch_customer, fetch_customers, handle, rpc_status};
 
 /// How many recent reviews v2 returns.
 const RECENT: usize = 10;
@@ -76,16 +75,8 @@ impl CustomerV2 {
         req: GetCustomerRequest,
         call: Rpc,
     ) -> Result<Response<GetCustomerResponse>, Status> {
+        // The pages first: their problems join the common ones.
         let mut violations = Vec::new();
-        let c = check_common(
-            "customer_id",
-            &req.customer_id,
-            req.read_mask.as_ref(),
-            &Component::CUSTOMER,
-            req.completeness,
-            req.cache.as_ref(),
-            &mut violations,
-        );
         let id = &req.customer_id;
         let favorites_page = Page::check(
             ("favorites_page", id),
@@ -97,23 +88,15 @@ impl CustomerV2 {
             req.orders_page.as_ref(),
             &mut violations,
         );
-        if !violations.is_empty() {
-            return Err(Error::InvalidArgument(violations).into());
-        }
-        let requested = c.authorize(&call.caller)?;
-        let parts = self
-            .engine
-            .customer(
-                (call.caller.scope(), &req.customer_id),
-                Ask {
-                    requested,
-                    completeness: c.completeness,
-                    policy: c.policy,
-                },
-                call.deadline,
-                None,
-            )
-            .await?;
+        let parts = fetch_customer(
+            &self.engine,
+            &call,
+            id,
+            req.read_mask.as_ref(),
+            (req.completeness, req.cache.as_ref()),
+            violations,
+        )
+        .await?;
         Ok(Response::new(shape(
             req.customer_id,
             parts,

@@ -115,6 +115,39 @@ pub async fn fetch_customers(
         .await)
 }
 
+/// What every version's GetCustomer does before shaping: checks the id and
+/// options (adding to `violations`, which may already hold the version's own
+/// problems), authorizes the components, and fetches the customer.
+pub async fn fetch_customer(
+    engine: &Engine,
+    call: &Rpc,
+    id: &str,
+    read_mask: Option<&prost_types::FieldMask>,
+    (completeness, cache): (i32, Option<&PbCachePolicy>),
+    mut violations: Vec<FieldViolation>,
+) -> Result<CustomerParts, Error> {
+    let c = check_common(
+        "customer_id",
+        id,
+        read_mask,
+        &Component::CUSTOMER,
+        completeness,
+        cache,
+        &mut violations,
+    );
+    if !violations.is_empty() {
+        return Err(Error::InvalidArgument(violations));
+    }
+    let ask = Ask {
+        requested: c.authorize(&call.caller)?,
+        completeness: c.completeness,
+        policy: c.policy,
+    };
+    engine
+        .customer((call.caller.scope(), id), ask, call.deadline, None)
+        .await
+}
+
 /// An error as a `google.rpc.Status` message, details included: the error of
 /// one item of a batch or stream, exactly as a single call would send it.
 pub fn rpc_status(error: Error) -> tonic_types::pb::Status {

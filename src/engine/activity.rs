@@ -1,7 +1,12 @@
 //! The user-activity aggregate: calls, e-mails and SMS fetched concurrently,
 //! then every counterparty named in one batched directory lookup.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
+
+use futures::{Stream, StreamExt};
 
 use prost_types::Timestamp;
 
@@ -16,10 +21,52 @@ use crate::{
         sms::v1::{ListSmsRequest, Sms},
     },
     resilience::CallError,
+    telemetry::rpc::RequestContext,
 };
 
 use super::{Ask, Deadline, Engine, Entity, Job, Outcome, fetch, needed};
 use crate::cache::Source;
+
+/// The users of a stream: explicit ids, or a numbered range made on the fly
+/// (a range of 100,000 users is never held as strings at once). Checked by
+/// the adapter: a range never passes `u64::MAX`.
+#[derive(Debug)]
+pub enum Users {
+    /// These ids, in order.
+    Ids(Vec<String>),
+    /// `prefix` + `first`, `first + 1`, ... `count` ids.
+    Range {
+        /// Text before the number.
+        prefix: String,
+        /// The first number.
+        first: u64,
+        /// How many.
+        count: u32,
+    },
+}
+
+impl Users {
+    /// The ids, in order.
+    pub fn into_ids(self) -> Box<dyn Iterator<Item = String> + Send> {
+        match self {
+            Users::Ids(ids) => Box::new(ids.into_iter()),
+            Users::Range {
+                prefix,
+                first,
+                count,
+            } => Box::new(
+                // Inclusive: a checked range may end at u64::MAX itself.
+                (first..=first.saturating_add(u64::from(count).saturating_sub(1)))
+                    .take(count as usize)
+                    .map(move |n| format!("{prefix}{n}")),
+            ),
+        }
+    }
+}
+
+/// One item of an activity stream: a user and its answer; or, once the
+/// caller's deadline has passed, the error that ends the stream.
+pub type StreamItem = Result<(String, Result<ActivityParts, Error>), Error>;
 
 /// A validated time window; either bound may be open.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -45,6 +92,71 @@ pub struct ActivityParts {
 }
 
 impl Engine {
+    /// The activity of many users, in order, for a caller whose cache scope
+    /// is `scope`. Users are fetched in chunks of `batch.stream_in_flight`,
+    /// each chunk's lookups batched together, with the next chunk fetched
+    /// while this one is being sent: at most two chunks are held, and the
+    /// next is started only when the consumer has taken this one (tonic
+    /// takes a message only when HTTP/2 flow control lets it send). Chunks,
+    /// not a sliding window: refilling one user at a time would send tiny
+    /// batches. The caller's deadline covers the whole stream: once it has
+    /// passed, the stream ends with DEADLINE_EXCEEDED.
+    pub fn activity_stream(
+        self: &Arc<Self>,
+        scope: Arc<str>,
+        users: Users,
+        window: Window,
+        ask: Ask,
+        deadline: Deadline,
+    ) -> impl Stream<Item = StreamItem> + Send + 'static {
+        let loaders = self.loaders(deadline);
+        // The consumer polls the stream outside the RPC's task scope: each
+        // item's work runs in the RPC's context again, so its downstream
+        // calls carry the request id and its outcomes count for this RPC.
+        let context = RequestContext::current();
+        let engine = self.clone();
+        let fetch_one = move |user_id: String| {
+            let (engine, loaders, scope, window, context) = (
+                engine.clone(),
+                loaders.clone(),
+                scope.clone(),
+                window.clone(),
+                context.clone(),
+            );
+            let work = async move {
+                let answer = engine
+                    .activity((&scope, &user_id), &window, ask, deadline, Some(&loaders))
+                    .await;
+                (user_id, answer)
+            };
+            async move {
+                match context {
+                    Some(cx) => cx.scope(work).await,
+                    None => work.await,
+                }
+            }
+        };
+        let items = futures::stream::iter(users.into_ids())
+            .chunks(self.batching.stream_in_flight)
+            .map(move |chunk| futures::future::join_all(chunk.into_iter().map(&fetch_one)))
+            .buffered(2)
+            .flat_map(futures::stream::iter);
+        items
+            .map(Some)
+            .chain(futures::stream::once(async { None }))
+            .scan(false, move |ended, item| {
+                let out = if *ended {
+                    None
+                } else if tokio::time::Instant::now() >= deadline.at() {
+                    *ended = true;
+                    Some(Err(Error::DeadlineExceeded))
+                } else {
+                    item.map(Ok)
+                };
+                std::future::ready(out)
+            })
+    }
+
     /// Fetches the requested channels of user `id` concurrently, then names
     /// every counterparty with one directory call.
     pub async fn activity(
