@@ -5,6 +5,9 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
+use super::Problems;
+use crate::component::{Component, names};
+
 /// How callers are authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -202,4 +205,122 @@ pub fn jwt_algorithm(name: &str) -> Option<jsonwebtoken::Algorithm> {
         "EdDSA" => jsonwebtoken::Algorithm::EdDSA,
         _ => return None,
     })
+}
+
+impl AuthSettings {
+    /// Adds this section's problems (`[tls]` as mTLS needs it).
+    pub(super) fn check(&self, tls: Option<&TlsSettings>, p: &mut Problems) {
+        let a = self;
+        let known = crate::pb::known_methods();
+        let is_service = |name: &str| known.iter().any(|m| m.split('/').next() == Some(name));
+        for service in &a.open_services {
+            if !is_service(service) {
+                p.add("auth.open_services", format!("unknown service {service:?}"));
+            }
+        }
+        p.positive("auth.reload_interval", a.reload_interval);
+        match a.mode {
+            AuthMode::None => {}
+            AuthMode::Mtls => {
+                if tls.is_none_or(|t| t.client_ca.is_none()) {
+                    p.add("tls.client_ca", "mode \"mtls\" needs [tls] with client_ca");
+                }
+                match &a.mtls {
+                    None => p.add("auth.mtls", "mode \"mtls\" needs [auth.mtls] with trust_domain"),
+                    Some(m) if !valid_trust_domain(&m.trust_domain) => p.add(
+                        "auth.mtls.trust_domain",
+                        "must be a trust domain name like \"prod.example\" (lower-case letters, digits, . - _)",
+                    ),
+                    Some(_) => {}
+                }
+            }
+            AuthMode::Jwt => match &a.jwt {
+                None => p.add(
+                    "auth.jwt",
+                    "mode \"jwt\" needs [auth.jwt] with jwks_file, issuer and audience",
+                ),
+                Some(j) => {
+                    for alg in &j.algorithms {
+                        if jwt_algorithm(alg).is_none() {
+                            p.add(
+                                "auth.jwt.algorithms",
+                                format!(
+                                    "{alg:?} is not accepted; use asymmetric ones: RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384, EdDSA"
+                                ),
+                            );
+                        }
+                    }
+                    if j.algorithms.is_empty() {
+                        p.add("auth.jwt.algorithms", "must name at least one algorithm");
+                    }
+                    if j.issuer.is_empty() || j.audience.is_empty() {
+                        p.add("auth.jwt", "issuer and audience must not be empty");
+                    }
+                }
+            },
+        }
+        let mut seen = std::collections::HashMap::new();
+        for (name, c) in &a.consumers {
+            let path = |key: &str| format!("auth.consumers.{name}.{key}");
+            if !valid_scope(name) {
+                p.add(
+                    format!("auth.consumers.{name}"),
+                    "names may use only letters, digits and . _ : -",
+                );
+            }
+            if c.identities.is_empty() {
+                p.add(path("identities"), "must list at least one identity");
+            }
+            for id in &c.identities {
+                if let Some(other) = seen.insert(id.as_str(), name.as_str()) {
+                    p.add(
+                        path("identities"),
+                        format!("{id:?} is also listed under {other}"),
+                    );
+                }
+            }
+            for m in &c.methods {
+                let matches = match m.strip_suffix("/*") {
+                    Some(service) => is_service(service),
+                    None => known.iter().any(|k| k == m),
+                };
+                if !matches {
+                    p.add(
+                        path("methods"),
+                        format!(
+                            "{m:?} names no method; use package.Service/Method or package.Service/*"
+                        ),
+                    );
+                }
+            }
+            for comp in &c.components {
+                if Component::from_name(comp).is_none() {
+                    p.add(
+                        path("components"),
+                        format!(
+                            "unknown component {comp:?}; expected any of: {}",
+                            names(&Component::ALL)
+                        ),
+                    );
+                }
+            }
+            if let Some(scope) = &c.scope
+                && !valid_scope(scope)
+            {
+                p.add(path("scope"), "may use only letters, digits and . _ : -");
+            }
+            if c.rate_per_second == Some(0) || c.burst == Some(0) {
+                p.add(
+                    path("rate_per_second"),
+                    "rate_per_second and burst must be at least 1",
+                );
+            }
+            if c.burst.is_some() && c.rate_per_second.is_none() {
+                p.add(path("burst"), "needs rate_per_second");
+            }
+            if c.max_concurrent_rpcs == Some(0) {
+                p.add(path("max_concurrent_rpcs"), "must be at least 1");
+            }
+        }
+    }
 }

@@ -4,7 +4,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use serde::Deserialize;
 
-use crate::component::Component;
+use super::Problems;
+use crate::component::{Component, names};
 
 /// The in-process cache of component results (one downstream answer per
 /// component and key). Off unless enabled: whether stale data is acceptable
@@ -105,6 +106,59 @@ impl CacheSettings {
                 .stale_while_revalidate
                 .unwrap_or(self.stale_while_revalidate),
             stale_ttl: o.stale_ttl.unwrap_or(self.stale_ttl),
+        }
+    }
+}
+
+impl CacheSettings {
+    /// Adds this section's problems.
+    pub(super) fn check(&self, p: &mut Problems) {
+        let c = self;
+        if !(0.0..0.5).contains(&c.jitter) {
+            p.add("cache.jitter", "must be at least 0 and below 0.5, e.g. 0.1");
+        }
+        if c.max_bytes < 1024 * 1024 {
+            p.add("cache.max_bytes", "must be at least 1048576 (1 MiB)");
+        }
+        p.positive("cache.refresh_timeout", c.refresh_timeout);
+        p.positive("cache.redis_timeout", c.redis_timeout);
+        if let Some(url) = &c.redis_url
+            && redis::Client::open(url.as_str()).is_err()
+        {
+            p.add(
+                "cache.redis_url",
+                "not a Redis URL; use e.g. \"redis://127.0.0.1:6379\"",
+            );
+        }
+        for comp in Component::ALL {
+            let cc = c.component(comp);
+            if cc.stale_while_revalidate > cc.stale_ttl {
+                let at = if c.components.contains_key(comp.name()) {
+                    format!("cache.components.{comp}.stale_ttl")
+                } else {
+                    "cache.stale_ttl".to_string()
+                };
+                p.add(at, "must be at least stale_while_revalidate");
+            }
+        }
+        for name in c.components.keys() {
+            match Component::from_name(name) {
+                Some(Component::Directory) => p.add(
+                    format!("cache.components.{name}"),
+                    "the directory is not cached",
+                ),
+                Some(comp) => p.positive(
+                    format!("cache.components.{name}.ttl"),
+                    c.component(comp).ttl,
+                ),
+                None => p.add(
+                    format!("cache.components.{name}"),
+                    format!(
+                        "unknown component; expected one of: {}",
+                        names(&Component::DATA)
+                    ),
+                ),
+            }
         }
     }
 }

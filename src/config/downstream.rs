@@ -5,6 +5,8 @@ use std::{path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 
+use super::{Problems, check_endpoint};
+
 /// One downstream's settings: `downstream_defaults` with its own section
 /// merged over them.
 #[derive(Debug, Clone, Deserialize)]
@@ -161,6 +163,78 @@ impl Default for HedgeSettings {
             percentile: 0.95,
             min_samples: 100,
             min_delay: Duration::from_millis(1),
+        }
+    }
+}
+
+impl DownstreamSettings {
+    /// Adds this downstream's problems, under `at` (`downstreams.NAME`).
+    pub(super) fn check(&self, at: &str, p: &mut Problems) {
+        let ds = self;
+        let path = |key: &str| format!("{at}.{key}");
+        if let Err(why) = check_endpoint(&ds.endpoint) {
+            p.add(path("endpoint"), why);
+        }
+        p.positive(path("timeout"), ds.timeout);
+        p.positive(path("connect_timeout"), ds.connect_timeout);
+        if ds.max_concurrency == 0 {
+            p.add(path("max_concurrency"), "must be at least 1");
+        }
+        let b = &ds.breaker;
+        if b.window == 0 || b.min_calls == 0 || b.min_calls > b.window {
+            p.add(
+                path("breaker.min_calls"),
+                "must be between 1 and breaker.window",
+            );
+        }
+        p.fraction(path("breaker.failure_rate"), b.failure_rate);
+        p.fraction(path("breaker.slow_call_rate"), b.slow_call_rate);
+        p.positive(path("breaker.open_for"), b.open_for);
+        if b.half_open_probes == 0 {
+            p.add(path("breaker.half_open_probes"), "must be at least 1");
+        }
+        let r = &ds.retry;
+        if !(1..=10).contains(&r.max_attempts) {
+            p.add(path("retry.max_attempts"), "must be between 1 and 10");
+        }
+        if r.max_backoff < r.initial_backoff {
+            p.add(
+                path("retry.max_backoff"),
+                "must be at least retry.initial_backoff",
+            );
+        }
+        // tower's TpsBudget panics outside these ranges; refuse them here.
+        if !(0.0..=1000.0).contains(&r.budget_percent) {
+            p.add(path("retry.budget_percent"), "must be between 0 and 1000");
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(60)).contains(&r.budget_ttl) {
+            p.add(path("retry.budget_ttl"), "must be between 1s and 60s");
+        }
+        if r.budget_min_per_sec > 1_000_000 {
+            p.add(path("retry.budget_min_per_sec"), "must be at most 1000000");
+        }
+        let h = &ds.hedge;
+        if !(h.percentile > 0.0 && h.percentile < 1.0) {
+            p.add(
+                path("hedge.percentile"),
+                "must be between 0 and 1, e.g. 0.95",
+            );
+        }
+        if h.min_samples == 0 {
+            p.add(path("hedge.min_samples"), "must be at least 1");
+        }
+        if let Some(tls) = &ds.tls {
+            if !ds.endpoint.starts_with("https://") {
+                p.add(path("endpoint"), "must be https:// when tls is set");
+            }
+            if tls.cert.is_some() != tls.key.is_some() {
+                p.add(path("tls.key"), "cert and key must be set together");
+            }
+        } else if ds.endpoint.starts_with("https://") {
+            p.add(
+                path("tls"),
+                "an https:// endpoint needs a tls section with its ca",
+            );
         }
     }
 }

@@ -4,6 +4,8 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use serde::Deserialize;
 
+use super::{Problems, TlsSettings, check_endpoint};
+
 /// Inbound protection. tonic leaves several HTTP/2 limits unset (unlimited);
 /// bfb sets every one of them.
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +129,57 @@ impl Default for TelemetrySettings {
             service_name: "bfb".into(),
             resource_attributes: BTreeMap::new(),
             export_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ServerSettings {
+    /// Adds this section's problems (and those of `[tls]`'s limits).
+    pub(super) fn check(&self, tls: Option<&TlsSettings>, p: &mut Problems) {
+        let s = self;
+        if s.max_concurrent_rpcs == 0 {
+            p.add("server.max_concurrent_rpcs", "must be at least 1");
+        }
+        if s.max_concurrent_streams == 0 {
+            p.add("server.max_concurrent_streams", "must be at least 1");
+        }
+        if s.max_request_bytes < 1024 {
+            p.add("server.max_request_bytes", "must be at least 1024");
+        }
+        if s.max_health_watches == 0 {
+            p.add("server.max_health_watches", "must be at least 1");
+        }
+        if let Some(tls) = tls {
+            if tls.max_handshakes == 0 {
+                p.add("tls.max_handshakes", "must be at least 1");
+            }
+            if tls.max_pending_connections == 0 {
+                p.add("tls.max_pending_connections", "must be at least 1");
+            }
+            p.positive("tls.handshake_timeout", tls.handshake_timeout);
+        }
+        p.positive("server.keepalive_interval", s.keepalive_interval);
+        p.positive("server.max_connection_age", s.max_connection_age);
+        p.positive("server.keepalive_timeout", s.keepalive_timeout);
+    }
+}
+
+impl TelemetrySettings {
+    /// Adds this section's problems.
+    pub(super) fn check(&self, p: &mut Problems) {
+        let t = self;
+        p.fraction("telemetry.sampling_ratio", t.sampling_ratio);
+        p.positive("telemetry.export_interval", t.export_interval);
+        if let Some(e) = &t.otlp_endpoint
+            && let Err(why) = check_endpoint(e)
+        {
+            p.add("telemetry.otlp_endpoint", why);
+        }
+        if tracing_subscriber::EnvFilter::try_new(&t.log_filter).is_err() {
+            p.add(
+                "telemetry.log_filter",
+                "not a valid filter, e.g. \"info,bfb=debug\"",
+            );
         }
     }
 }
