@@ -3,45 +3,54 @@
 //!
 //! # Layout
 //!
-//! A request flows top to bottom through these modules:
+//! The modules form layers that import only downward (`tests/architecture.rs`
+//! fails on any other edge and on any cycle). Top to bottom:
 //!
+//! - [`demo`]: `bfb demo`, the sim and bfb in one process.
+//! - [`sim`]: `bfb sim`, the simulated downstream services with run-time
+//!   fault injection (`SimControl`).
 //! - [`server`]: the tonic server: public API versions, health, reflection on
 //!   one listener (plaintext or TLS), the admin and health-only listeners,
-//!   HTTP/2 limits; `serve(config, listeners, shutdown)`.
+//!   every HTTP/2 limit on each; `serve(config, listeners, shutdown)`.
 //! - [`api`]: one thin adapter per contract version (`customer_v1`,
-//!   `customer_v2`, `activity_v1`, and `admin_v1` for operators): validate the
-//!   request, call the engine, shape the answer.
+//!   `customer_v2`, `activity_v1`, and `admin_v1` for operators): check the
+//!   request, call the engine, shape the answer; the preambles they share
+//!   live in `api` itself.
 //! - [`engine`]: the fan-out engine shared by every version: which downstream
-//!   calls to make, concurrently, under the caller's [`deadline::Deadline`], and
-//!   how required and optional components fail (`customer`, `activity`).
+//!   calls to make, concurrently, under the caller's deadline; how required
+//!   and optional components fail; who owns an entity (`customer`,
+//!   `activity`, with the scheduler of activity streams); and what each
+//!   aggregate came to, recorded for telemetry from its typed outcomes.
 //! - [`cache`]: the component cache between the engine and the downstreams:
 //!   freshness windows, stale-while-revalidate, stale-if-error, caller
-//!   control, the shared Redis tier (`cache::shared`) and request
-//!   coalescing (`cache::singleflight`).
-//! - [`downstream`]: one typed client per downstream service, each behind its
-//!   own resilience stack, composed top to bottom in `downstream::stack`.
+//!   control, the key format (`cache::key`), the shared Redis tier
+//!   (`cache::shared`) and request coalescing (`cache::singleflight`).
+//! - [`downstream`]: one typed client per downstream service, built from
+//!   config in `downstream::connect`, each behind its own resilience stack,
+//!   composed top to bottom in `downstream::stack`; per-request batching
+//!   loaders (`downstream::loader`).
 //! - [`resilience`]: the stack's layers, one module each: bulkhead, retry
 //!   (with budget and pushback), hedge, circuit breaker, attempt (deadline
-//!   budget as `grpc-timeout`, status classification).
-//! - [`inbound`]: protection in front of every bfb service on every listener:
-//!   load shedding, a hard timeout answered as DEADLINE_EXCEEDED, oversized
-//!   requests, the cap on open health watches.
+//!   budget as `grpc-timeout`, status classification); and the failures they
+//!   produce (`Failed`, `CallError`).
 //! - [`auth`]: who is calling and what it may do: mTLS with SPIFFE IDs
 //!   (`auth::tls`, bfb's own TLS termination with reloaded files, and its
 //!   accept loop with capped pending handshakes, `auth::accept`), JWT bearer
 //!   tokens (`auth::jwt`), default-deny consumers with their methods,
 //!   components, cache scope and rate/concurrency limits (`auth::consumers`).
+//! - [`inbound`]: protection in front of every bfb service on every listener:
+//!   load shedding, a hard timeout answered as DEADLINE_EXCEEDED, oversized
+//!   requests, the cap on open health watches.
 //! - [`telemetry`]: logs, OTLP traces with W3C propagation, Prometheus
 //!   metrics and their endpoint, and the span/log/metrics around every RPC.
+//! - [`deadline`]: the caller's deadline and each downstream call's budget.
+//! - [`config`]: the typed TOML configuration, each section checked beside
+//!   its type, every problem reported at once with its path (`config::load`).
 //! - [`error`]: the request error type and its single mapping to
-//!   `tonic::Status` with `google.rpc` details.
+//!   `tonic::Status` with `google.rpc` details, bounded in size.
 //! - [`component`]: the components of the aggregates and read-mask parsing.
-//! - [`config`]: the typed TOML configuration, validated at load, every
-//!   problem reported at once with its path (`config::load`).
-//! - [`sim`]: `bfb sim`, the simulated downstream services with run-time
-//!   fault injection (`SimControl`).
-//! - [`demo`]: `bfb demo`, the sim and bfb in one process.
-//! - [`pb`]: code generated from `proto/` and the reflection descriptors.
+//! - [`pb`]: code generated from `proto/`, the reflection descriptors and the
+//!   methods they define.
 
 #![warn(missing_docs)]
 
