@@ -235,16 +235,7 @@ async fn a_taken_port_is_named_with_its_listener() {
     let dir = std::env::temp_dir().join(format!("bfb-cli-port-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("bfb.toml");
-    let text = bfb::config::EXAMPLE
-        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"")
-        .replace(
-            "admin_listen = \"127.0.0.1:50052\"",
-            "admin_listen = \"127.0.0.1:0\"",
-        )
-        .replace(
-            "metrics_listen = \"127.0.0.1:9464\"",
-            &format!("metrics_listen = \"{addr}\""),
-        );
+    let text = common::example_on_port_0(&addr.to_string());
     std::fs::write(&config, text).expect("write");
     let out = tokio::process::Command::new(BFB)
         .arg("serve")
@@ -269,16 +260,7 @@ async fn human_logs_to_a_pipe_have_no_colour_codes_and_print_values() {
     let dir = std::env::temp_dir().join(format!("bfb-cli-log-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let config = dir.join("bfb.toml");
-    let text = bfb::config::EXAMPLE
-        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"")
-        .replace(
-            "admin_listen = \"127.0.0.1:50052\"",
-            "admin_listen = \"127.0.0.1:0\"",
-        )
-        .replace(
-            "metrics_listen = \"127.0.0.1:9464\"",
-            "metrics_listen = \"127.0.0.1:0\"",
-        );
+    let text = common::example_on_port_0("127.0.0.1:0");
     std::fs::write(&config, text).expect("write");
     let mut child = tokio::process::Command::new(BFB)
         .arg("serve")

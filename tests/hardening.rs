@@ -167,11 +167,9 @@ async fn silent_sockets_over_the_cap_are_shed_oldest_first() {
         |n| n >= CAP as f64,
     )
     .await;
-    let text = h.metrics_text().await;
-    assert!(
-        sample(&text, "bfb_tls_handshakes_in_progress") <= CAP as f64,
-        "memory stays bounded: at most the cap is held"
-    );
+    // Memory stays bounded: a shed socket is closed when the accept loop
+    // next reaps it, and then at most the cap is held.
+    until_metric(&h, "bfb_tls_handshakes_in_progress", |n| n <= CAP as f64).await;
     // The newest silent sockets hold the room; a real client still gets in.
     served_at_once(&h, &ca, &reports).await;
     let _ = stop.send(true);

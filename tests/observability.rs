@@ -183,17 +183,8 @@ async fn start_sim(config: SimConfig) -> (SocketAddr, tokio::sync::oneshot::Send
 
 /// `bfb serve` as its own process on the example config, edited by `edit`.
 async fn spawn_bfb(sim: SocketAddr, edit: impl FnOnce(String) -> String) -> (Child, SocketAddr) {
-    let config = bfb::config::EXAMPLE
-        .replace("http://127.0.0.1:50061", &format!("http://{sim}"))
-        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"")
-        .replace(
-            "metrics_listen = \"127.0.0.1:9464\"",
-            "metrics_listen = \"127.0.0.1:0\"",
-        )
-        .replace(
-            "admin_listen = \"127.0.0.1:50052\"",
-            "admin_listen = \"127.0.0.1:0\"",
-        );
+    let config = common::example_on_port_0("127.0.0.1:0")
+        .replace("http://127.0.0.1:50061", &format!("http://{sim}"));
     let dir = std::env::temp_dir().join(format!("bfb-obs-{}-{}", std::process::id(), sim.port()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("bfb.toml");

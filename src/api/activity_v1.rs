@@ -153,10 +153,7 @@ impl ActivityV1 {
             req.cache.as_ref(),
             &mut violations,
         );
-        if !violations.is_empty() {
-            return Err(Error::InvalidArgument(violations).into());
-        }
-        let ask = ask(&c, &call)?;
+        let ask = ask(&c, violations, &call)?;
         let scope = Arc::from(call.caller.scope());
         let stream = self
             .engine
@@ -184,16 +181,12 @@ impl ActivityV1 {
 
 /// What an activity caller gets: the components it asked for (narrowed by
 /// authorization), and counterparties named when it may read the directory.
-fn ask(c: &Common, call: &Rpc) -> Result<Ask, Error> {
-    let mut requested = c.authorize(&call.caller)?;
+fn ask(c: &Common, violations: Vec<FieldViolation>, call: &Rpc) -> Result<Ask, Error> {
+    let mut ask = c.ask(violations, &call.caller)?;
     if call.caller.components().contains(Component::Directory) {
-        requested = requested.with(Component::Directory);
+        ask.requested = ask.requested.with(Component::Directory);
     }
-    Ok(Ask {
-        requested,
-        completeness: c.completeness,
-        policy: c.policy,
-    })
+    Ok(ask)
 }
 
 impl ActivityV1 {
@@ -213,15 +206,13 @@ impl ActivityV1 {
             req.cache.as_ref(),
             &mut violations,
         );
-        if !violations.is_empty() {
-            return Err(Error::InvalidArgument(violations).into());
-        }
+        let ask = ask(&c, violations, &call)?;
         let parts = self
             .engine
             .activity(
                 (call.caller.scope(), &req.user_id),
                 &window,
-                ask(&c, &call)?,
+                ask,
                 call.deadline,
                 None,
             )

@@ -102,14 +102,7 @@ pub async fn fetch_customers(
         cache,
         &mut violations,
     );
-    if !violations.is_empty() {
-        return Err(Error::InvalidArgument(violations));
-    }
-    let ask = Ask {
-        requested: c.authorize(&call.caller)?,
-        completeness: c.completeness,
-        policy: c.policy,
-    };
+    let ask = c.ask(violations, &call.caller)?;
     Ok(engine
         .customers((call.caller.scope(), ids), ask, call.deadline)
         .await)
@@ -135,14 +128,7 @@ pub async fn fetch_customer(
         cache,
         &mut violations,
     );
-    if !violations.is_empty() {
-        return Err(Error::InvalidArgument(violations));
-    }
-    let ask = Ask {
-        requested: c.authorize(&call.caller)?,
-        completeness: c.completeness,
-        policy: c.policy,
-    };
+    let ask = c.ask(violations, &call.caller)?;
     engine
         .customer((call.caller.scope(), id), ask, call.deadline, None)
         .await
@@ -262,6 +248,20 @@ pub fn check_options(
 }
 
 impl Common {
+    /// What a checked request asks of the engine: INVALID_ARGUMENT with
+    /// every violation if there are any, else the authorized components
+    /// ([`Common::authorize`]) with completeness and cache policy.
+    pub fn ask(&self, violations: Vec<FieldViolation>, caller: &Caller) -> Result<Ask, Error> {
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations));
+        }
+        Ok(Ask {
+            requested: self.authorize(caller)?,
+            completeness: self.completeness,
+            policy: self.policy,
+        })
+    }
+
     /// The components of a valid request the caller gets: with an empty read
     /// mask, all it may read; otherwise exactly the requested ones, and
     /// asking for one it may not read is PERMISSION_DENIED naming it.

@@ -150,6 +150,21 @@ pub async fn sim_process(addr: &str, args: &[&str]) -> (tokio::process::Child, S
     spawn_bfb_process(&all).await
 }
 
+/// The example config with every listener on port 0, the metrics endpoint
+/// on `metrics_listen` instead, for `bfb serve` run as a process.
+pub fn example_on_port_0(metrics_listen: &str) -> String {
+    bfb::config::EXAMPLE
+        .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"")
+        .replace(
+            "admin_listen = \"127.0.0.1:50052\"",
+            "admin_listen = \"127.0.0.1:0\"",
+        )
+        .replace(
+            "metrics_listen = \"127.0.0.1:9464\"",
+            &format!("metrics_listen = \"{metrics_listen}\""),
+        )
+}
+
 /// A sim with every service at `latency`.
 pub fn sim_with_latency(latency: Duration) -> SimConfig {
     let mut c = SimConfig::default();
