@@ -121,17 +121,8 @@ async fn short_deadline_ends_the_call_and_cancels_downstream_calls() {
     assert_eq!(info.metadata["component"], "profile");
 
     // Every downstream call was cancelled, none ran to its 3 s end.
-    let stats = h
-        .wait_for_stats(|s| {
-            ["profile", "favorites", "reviews", "orders"]
-                .iter()
-                .all(|k| s.services[*k].cancelled == 1)
-        })
+    h.assert_each_cancelled_once(&["profile", "favorites", "reviews", "orders"])
         .await;
-    for s in ["profile", "favorites", "reviews", "orders"] {
-        assert_eq!(stats.services[s].cancelled, 1, "{s}");
-        assert_eq!(stats.services[s].in_flight, 0, "{s}");
-    }
 }
 
 #[tokio::test]
@@ -620,17 +611,8 @@ async fn a_caller_cancelling_cancels_the_downstream_calls() {
     // Wait until all four downstream calls are in flight, then hang up.
     h.wait_for_stats(|s| s.peak_total_in_flight >= 4).await;
     call.abort();
-    let stats = h
-        .wait_for_stats(|s| {
-            ["profile", "favorites", "reviews", "orders"]
-                .iter()
-                .all(|k| s.services[*k].cancelled == 1)
-        })
+    h.assert_each_cancelled_once(&["profile", "favorites", "reviews", "orders"])
         .await;
-    for s in ["profile", "favorites", "reviews", "orders"] {
-        assert_eq!(stats.services[s].cancelled, 1, "{s}");
-        assert_eq!(stats.services[s].in_flight, 0, "{s}");
-    }
 }
 
 #[tokio::test]

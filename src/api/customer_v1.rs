@@ -18,7 +18,7 @@ use crate::{
     },
 };
 
-use super::{Rpc, aggregate_status, fetch_customer, fetch_customers, handle, rpc_status};
+use super::{Rpc, aggregate_status, batch_results, fetch_customer, fetch_customers, handle};
 
 /// How many recent reviews and orders v1 returns.
 const RECENT: usize = 10;
@@ -92,27 +92,24 @@ impl CustomerV1 {
             Vec::new(),
         )
         .await?;
-        let results = req
-            .customer_ids
-            .into_iter()
-            .zip(answers)
-            .map(|(customer_id, answer)| match answer {
-                Ok(parts) => {
-                    let r = shape(customer_id.clone(), parts);
-                    CustomerResult {
-                        customer_id,
-                        customer: r.customer,
-                        status: r.status,
-                        error: None,
-                    }
-                }
-                Err(e) => CustomerResult {
+        let results = batch_results(
+            req.customer_ids,
+            answers,
+            |customer_id, parts| {
+                let r = shape(customer_id.clone(), parts);
+                CustomerResult {
                     customer_id,
-                    error: Some(rpc_status(e)),
-                    ..Default::default()
-                },
-            })
-            .collect();
+                    customer: r.customer,
+                    status: r.status,
+                    error: None,
+                }
+            },
+            |customer_id, error| CustomerResult {
+                customer_id,
+                error: Some(error),
+                ..Default::default()
+            },
+        );
         Ok(Response::new(BatchGetCustomersResponse { results }))
     }
 }

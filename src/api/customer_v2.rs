@@ -22,7 +22,7 @@ use crate::{
     },
 };
 
-use super::{Rpc, aggregate_status, fetch_customer, fetch_customers, handle, rpc_status};
+use super::{Rpc, aggregate_status, batch_results, fetch_customer, fetch_customers, handle};
 
 /// How many recent reviews v2 returns.
 const RECENT: usize = 10;
@@ -137,32 +137,29 @@ impl CustomerV2 {
             violations,
         )
         .await?;
-        let results = req
-            .customer_ids
-            .into_iter()
-            .zip(answers)
-            .map(|(customer_id, answer)| match answer {
-                Ok(parts) => {
-                    let r = shape(
-                        customer_id.clone(),
-                        parts,
-                        favorites_page.of(&customer_id),
-                        orders_page.of(&customer_id),
-                    );
-                    CustomerResult {
-                        customer_id,
-                        customer: r.customer,
-                        status: r.status,
-                        error: None,
-                    }
-                }
-                Err(e) => CustomerResult {
+        let results = batch_results(
+            req.customer_ids,
+            answers,
+            |customer_id, parts| {
+                let r = shape(
+                    customer_id.clone(),
+                    parts,
+                    favorites_page.of(&customer_id),
+                    orders_page.of(&customer_id),
+                );
+                CustomerResult {
                     customer_id,
-                    error: Some(rpc_status(e)),
-                    ..Default::default()
-                },
-            })
-            .collect();
+                    customer: r.customer,
+                    status: r.status,
+                    error: None,
+                }
+            },
+            |customer_id, error| CustomerResult {
+                customer_id,
+                error: Some(error),
+                ..Default::default()
+            },
+        );
         Ok(Response::new(BatchGetCustomersResponse { results }))
     }
 }

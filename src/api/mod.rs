@@ -108,6 +108,24 @@ pub async fn fetch_customers(
         .await)
 }
 
+/// One result per id of a batch, in order: `ok` shapes a fetched customer;
+/// `err` carries a failed one's error as a `google.rpc.Status`, exactly as a
+/// single call would send it.
+pub fn batch_results<R>(
+    ids: Vec<String>,
+    answers: Vec<Result<CustomerParts, Error>>,
+    mut ok: impl FnMut(String, CustomerParts) -> R,
+    err: impl Fn(String, tonic_types::pb::Status) -> R,
+) -> Vec<R> {
+    ids.into_iter()
+        .zip(answers)
+        .map(|(id, answer)| match answer {
+            Ok(parts) => ok(id, parts),
+            Err(e) => err(id, rpc_status(e)),
+        })
+        .collect()
+}
+
 /// What every version's GetCustomer does before shaping: checks the id and
 /// options (adding to `violations`, which may already hold the version's own
 /// problems), authorizes the components, and fetches the customer.

@@ -236,6 +236,19 @@ impl Harness {
             .expect("set behavior");
     }
 
+    /// Waits (bounded) until each of `services` saw exactly one call
+    /// cancelled and has none in flight, and fails the test otherwise: the
+    /// caller's deadline or hang-up reached every downstream call.
+    pub async fn assert_each_cancelled_once(&self, services: &[&str]) {
+        let stats = self
+            .wait_for_stats(|s| services.iter().all(|k| s.services[*k].cancelled == 1))
+            .await;
+        for s in services {
+            assert_eq!(stats.services[*s].cancelled, 1, "{s}");
+            assert_eq!(stats.services[*s].in_flight, 0, "{s}");
+        }
+    }
+
     /// Waits (bounded) until `check` holds for the sim's stats; returns the
     /// last stats seen. For effects that reach the sim asynchronously, such
     /// as a cancellation travelling as an HTTP/2 reset.
