@@ -174,9 +174,11 @@ impl Default for Aggregates {
     fn default() -> Self {
         Aggregates {
             customer: AggregateSection {
-                required: vec!["profile".into()],
+                required: ComponentSet::of(&[Component::Profile]),
             },
-            activity: AggregateSection { required: vec![] },
+            activity: AggregateSection {
+                required: ComponentSet::EMPTY,
+            },
         }
     }
 }
@@ -186,8 +188,26 @@ impl Default for Aggregates {
 #[serde(deny_unknown_fields)]
 pub struct AggregateSection {
     /// Components without which a BEST_EFFORT answer is not worth sending: if
-    /// one of them fails, the call fails. The others are optional.
-    pub required: Vec<String>,
+    /// one of them fails, the call fails. The others are optional. Read from
+    /// a list of names; an unknown name is a problem at load.
+    #[serde(deserialize_with = "component_names")]
+    pub required: ComponentSet,
+}
+
+/// A list of component names as a set; an unknown name fails the load with
+/// the names that exist.
+fn component_names<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ComponentSet, D::Error> {
+    let listed = Vec::<String>::deserialize(d)?;
+    listed.iter().try_fold(ComponentSet::EMPTY, |set, name| {
+        Component::from_name(name)
+            .map(|c| set.with(c))
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "unknown component {name:?}; expected any of: {}",
+                    names(&Component::ALL)
+                ))
+            })
+    })
 }
 
 /// One thing wrong with a config: where, and what to change.
@@ -404,12 +424,13 @@ impl Config {
                 ][..],
             ),
         ] {
-            for name in &section.required {
-                if !allowed.iter().any(|c| c.name() == name) {
+            for c in section.required.iter() {
+                if !allowed.contains(&c) {
                     p.add(
                         path,
                         format!(
-                            "unknown component {name:?}; expected any of: {}",
+                            "component {:?} is not part of this aggregate; expected any of: {}",
+                            c.name(),
                             names(allowed)
                         ),
                     );
@@ -446,16 +467,6 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
                 base.insert(key, value);
             }
         }
-    }
-}
-
-impl AggregateSection {
-    /// The required components as a set (names were validated at load).
-    pub fn required_set(&self) -> ComponentSet {
-        self.required
-            .iter()
-            .filter_map(|n| Component::from_name(n))
-            .fold(ComponentSet::EMPTY, ComponentSet::with)
     }
 }
 
@@ -553,6 +564,27 @@ mod tests {
         assert!(
             found.contains(&"downstreams.sms.endpoint: missing; this key is required".into()),
             "{found:?}"
+        );
+    }
+
+    #[test]
+    fn component_lists_are_typed_at_load() {
+        let unknown = EXAMPLE.replace(
+            "required = [\"profile\"]",
+            "required = [\"profile\", \"profil\"]",
+        );
+        let Err(ConfigError::Invalid(problems)) = Config::parse(&unknown) else {
+            panic!("an unknown name is refused");
+        };
+        assert_eq!(
+            problems[0].path, "aggregates.customer.required",
+            "{problems:?}"
+        );
+        assert!(problems[0].message.contains("\"profil\""), "{problems:?}");
+        let ok = Config::parse(EXAMPLE).expect("example");
+        assert_eq!(
+            ok.aggregates.customer.required,
+            ComponentSet::of(&[Component::Profile])
         );
     }
 

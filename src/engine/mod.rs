@@ -127,8 +127,8 @@ impl Engine {
             cache: Cache::new(&config.cache, &config.deadlines, metrics.clone()),
             metrics: metrics.clone(),
             deadlines: config.deadlines.clone(),
-            customer_required: config.aggregates.customer.required_set(),
-            activity_required: config.aggregates.activity.required_set(),
+            customer_required: config.aggregates.customer.required,
+            activity_required: config.aggregates.activity.required,
             batching: config.batch.clone(),
         })
     }
