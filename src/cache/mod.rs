@@ -382,13 +382,9 @@ impl Cache {
         let deadline = Deadline::detached(self.refresh_timeout, &self.refresh);
         // The refresh runs for the caller that found the entry stale: its
         // request id and identity go downstream as on any call.
-        let context = RequestContext::current();
+        let refresh = RequestContext::carry(live(deadline));
         tokio::spawn(async move {
-            let refresh = live(deadline);
-            let fetched = match context {
-                Some(cx) => cx.scope(refresh).await,
-                None => refresh.await,
-            };
+            let fetched = refresh.await;
             if let Ok(v) = fetched {
                 cache
                     .store(component, key.clone(), Bytes::from(v.encode_to_vec()))

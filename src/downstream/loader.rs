@@ -67,10 +67,7 @@ impl<M: Send + 'static, T: Send + 'static> Loader<M, T> {
                 // In the request's context: the batch carries its request id
                 // and caller downstream like any call made for it.
                 let send = dispatch(items, deadline, batch.clone());
-                match &context {
-                    Some(cx) => tokio::spawn(cx.clone().scope(send)),
-                    None => tokio::spawn(send),
-                };
+                tokio::spawn(RequestContext::within(context.clone(), send));
             }
         };
         tokio::spawn(collect);

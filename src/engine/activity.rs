@@ -129,12 +129,7 @@ impl Engine {
                     .await;
                 (user_id, answer)
             };
-            async move {
-                match context {
-                    Some(cx) => cx.scope(work).await,
-                    None => work.await,
-                }
-            }
+            RequestContext::within(context, work)
         };
         let items = futures::stream::iter(users.into_ids())
             .chunks(self.batching.stream_in_flight)

@@ -103,6 +103,22 @@ impl RequestContext {
     pub async fn scope<F: Future>(self, f: F) -> F::Output {
         CURRENT.scope(self, f).await
     }
+
+    /// Runs `f` in `context`, when there is one. The one way work done for
+    /// an RPC outside its task (spawned, or polled by tonic) keeps the RPC's
+    /// request id and caller on its downstream calls and its outcomes
+    /// counted for the RPC.
+    pub async fn within<F: Future>(context: Option<RequestContext>, f: F) -> F::Output {
+        match context {
+            Some(cx) => cx.scope(f).await,
+            None => f.await,
+        }
+    }
+
+    /// `f`, bound to the current RPC's context wherever it is later run.
+    pub fn carry<F: Future>(f: F) -> impl Future<Output = F::Output> {
+        RequestContext::within(RequestContext::current(), f)
+    }
 }
 
 /// Reads W3C trace context from gRPC metadata.
