@@ -172,14 +172,7 @@ impl ComponentSet {
         for (i, path) in paths.iter().enumerate() {
             match allowed.iter().find(|c| c.name() == path) {
                 Some(&c) => set = set.with(c),
-                None => violations.push(FieldViolation::new(
-                    format!("{field}.paths[{i}]"),
-                    format!(
-                        "unknown component {:?}; expected one of: {}",
-                        echo(path),
-                        names(allowed)
-                    ),
-                )),
+                None => violations.push(unknown(format!("{field}.paths[{i}]"), path, allowed)),
             }
         }
         set
@@ -192,14 +185,22 @@ impl fmt::Debug for ComponentSet {
     }
 }
 
-/// A value from a request, cut to 32 characters for an error message (the
-/// error must not grow with the input).
-fn echo(value: &str) -> String {
+/// The violation of `field` naming `name`, which is none of `allowed`. The
+/// name comes from the request, so it is echoed cut to 32 characters: the
+/// error must not grow with the input.
+pub fn unknown(field: String, name: &str, allowed: &[Component]) -> FieldViolation {
     const MAX: usize = 32;
-    match value.char_indices().nth(MAX) {
-        Some((end, _)) => format!("{}…", &value[..end]),
-        None => value.to_string(),
-    }
+    let echoed = match name.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}…", &name[..end]),
+        None => name.to_string(),
+    };
+    FieldViolation::new(
+        field,
+        format!(
+            "unknown component {echoed:?}; expected one of: {}",
+            names(allowed)
+        ),
+    )
 }
 
 /// `a, b, c` for error messages.

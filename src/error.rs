@@ -169,8 +169,6 @@ pub const MAX_VIOLATIONS: usize = 10;
 /// Longest field path and description of a violation, in bytes.
 const MAX_FIELD: usize = 64;
 const MAX_DESCRIPTION: usize = 160;
-/// Longest value a message echoes back (an unknown path, a method name).
-pub const MAX_ECHO: usize = 32;
 
 /// `s` cut to at most `max` bytes on a character boundary, with `…` when
 /// cut. Everything bfb echoes from a request goes through this, so an error

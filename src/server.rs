@@ -234,7 +234,7 @@ pub async fn serve(
         )
         .with_watches(watches.clone(), metrics.health_watches.clone())
     };
-    let incoming = |listener: TcpListener, tls: Option<&ServerTls>| match tls {
+    let connections = |listener: TcpListener, tls: Option<&ServerTls>| match tls {
         Some(tls) => Incoming::Tls(tls.incoming(listener, metrics.handshakes())),
         None => Incoming::Plain(incoming(listener)),
     };
@@ -256,7 +256,7 @@ pub async fn serve(
             .add_service(admin_reflection_v1alpha.max_decoding_message_size(max_request));
         tokio::spawn(serve_on(
             router,
-            incoming(listener, tls.as_ref()),
+            connections(listener, tls.as_ref()),
             stopped(stop_rx.clone()),
         ));
     }
@@ -269,7 +269,7 @@ pub async fn serve(
         );
         tokio::spawn(serve_on(
             router,
-            incoming(listener, None),
+            connections(listener, None),
             stopped(stop_rx.clone()),
         ));
     }
@@ -293,7 +293,7 @@ pub async fn serve(
         .add_service(activity_v1);
     let server = serve_on(
         server,
-        incoming(listeners.grpc, tls.as_ref()),
+        connections(listeners.grpc, tls.as_ref()),
         stopped(stop_rx),
     );
 

@@ -4,11 +4,10 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use tonic_types::FieldViolation;
 
 use crate::{
     cache::Cache,
-    component::{Component, names},
+    component::{Component, unknown},
     error::Error,
     pb::bfb::admin::v1::{
         InvalidateEntityRequest, InvalidateEntityResponse, cache_admin_server::CacheAdmin,
@@ -43,14 +42,7 @@ impl CacheAdmin for CacheAdminV1 {
         for (i, name) in req.components.iter().enumerate() {
             match Component::from_name(name).filter(|c| cached.contains(c)) {
                 Some(c) => components.push(c),
-                None => violations.push(FieldViolation::new(
-                    format!("components[{i}]"),
-                    format!(
-                        "unknown component {:?}; expected one of: {}",
-                        crate::error::clip(name, crate::error::MAX_ECHO),
-                        names(cached)
-                    ),
-                )),
+                None => violations.push(unknown(format!("components[{i}]"), name, cached)),
             }
         }
         if !violations.is_empty() {
