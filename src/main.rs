@@ -60,6 +60,10 @@ enum Command {
         /// Latency of every simulated call, e.g. 20ms.
         #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
         sim_latency: Duration,
+        /// Replicas of the simulated services (on consecutive ports), to
+        /// watch bfb balance over them and eject a failing one.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+        replicas: u16,
     },
 }
 
@@ -260,12 +264,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Box<dyn std::error::Error>> {
             sim_listen,
             admin_listen,
             sim_latency,
+            replicas,
         } => {
             let _telemetry = telemetry::init(&TelemetrySettings::default())?;
             let addrs = bfb::demo::Addrs {
                 bfb: listen,
                 sim: sim_listen,
                 admin: admin_listen,
+                replicas,
             };
             bfb::demo::run(addrs, sim_latency, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)

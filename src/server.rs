@@ -14,7 +14,9 @@ use tonic_health::ServingStatus;
 
 use crate::{
     api::{
-        activity_v1::ActivityV1, admin_v1::CacheAdminV1, customer_v1::CustomerV1,
+        activity_v1::ActivityV1,
+        admin_v1::{CacheAdminV1, EndpointAdminV1},
+        customer_v1::CustomerV1,
         customer_v2::CustomerV2,
     },
     auth::{
@@ -29,7 +31,9 @@ use crate::{
         self,
         bfb::{
             activity::v1::user_activity_service_server::UserActivityServiceServer,
-            admin::v1::cache_admin_server::CacheAdminServer,
+            admin::v1::{
+                cache_admin_server::CacheAdminServer, endpoint_admin_server::EndpointAdminServer,
+            },
             customer::v1::customer_aggregate_service_server::CustomerAggregateServiceServer,
             customer::v2::customer_aggregate_service_server::CustomerAggregateServiceServer as CustomerV2Server,
         },
@@ -195,6 +199,7 @@ pub async fn serve(
         .map_err(ServeError::Security)?;
     let engine = Arc::new(Engine::new(config, &metrics)?);
     let admin = CacheAdminServer::new(CacheAdminV1::new(engine.cache().clone()));
+    let endpoint_admin = EndpointAdminServer::new(EndpointAdminV1::new(engine.clone()));
     let max_request = config.server.max_request_bytes;
     let customer_v1 = CustomerAggregateServiceServer::new(CustomerV1::new(engine.clone()))
         .max_decoding_message_size(max_request);
@@ -240,8 +245,10 @@ pub async fn serve(
     };
     let metrics_addr = listeners.metrics.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(listener) = listeners.admin {
-        let admin_name = <CacheAdminServer<CacheAdminV1> as NamedService>::NAME;
-        let (admin_reflection, admin_reflection_v1alpha) = reflection(&[admin_name])?;
+        let (admin_reflection, admin_reflection_v1alpha) = reflection(&[
+            <CacheAdminServer<CacheAdminV1> as NamedService>::NAME,
+            <EndpointAdminServer<EndpointAdminV1> as NamedService>::NAME,
+        ])?;
         tracing::info!(addr = %addr_text(listener.local_addr().ok()), "admin API serving");
         let router = builder(s)
             .layer(inbound())
@@ -252,6 +259,7 @@ pub async fn serve(
                     .max_decoding_message_size(max_request),
             )
             .add_service(admin.max_decoding_message_size(max_request))
+            .add_service(endpoint_admin.max_decoding_message_size(max_request))
             .add_service(admin_reflection.max_decoding_message_size(max_request))
             .add_service(admin_reflection_v1alpha.max_decoding_message_size(max_request));
         tokio::spawn(serve_on(

@@ -47,6 +47,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         &[
             "engine",
             "cache",
+            "downstream",
             "auth",
             "inbound",
             "telemetry",

@@ -66,7 +66,7 @@ fn target() -> &'static Target {
             ));
             let mut config = Config::example()
                 .expect("config")
-                .with_all_endpoints(&format!("http://{addr}"));
+                .with_all_endpoints(&[format!("http://{addr}")]);
             // Decoded garbage may ask for a stream of many users: keep cases fast.
             config.batch.stream_max_users = 20;
             let engine = Arc::new(Engine::new(&config, &Arc::new(Metrics::new())).expect("engine"));

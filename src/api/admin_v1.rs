@@ -1,5 +1,6 @@
-//! `bfb.admin.v1.CacheAdmin`: operator control of the cache, served on the
-//! admin listener only.
+//! `bfb.admin.v1`: operator control of the cache (`CacheAdmin`) and a view
+//! of the balancers' endpoints (`EndpointAdmin`), served on the admin
+//! listener only.
 
 use std::sync::Arc;
 
@@ -8,9 +9,13 @@ use tonic::{Request, Response, Status};
 use crate::{
     cache::Cache,
     component::{Component, unknown},
+    downstream::balance::Health,
+    engine::Engine,
     error::Error,
     pb::bfb::admin::v1::{
-        InvalidateEntityRequest, InvalidateEntityResponse, cache_admin_server::CacheAdmin,
+        DownstreamEndpoints, EndpointStatus, InvalidateEntityRequest, InvalidateEntityResponse,
+        ListEndpointsRequest, ListEndpointsResponse, cache_admin_server::CacheAdmin,
+        endpoint_admin_server::EndpointAdmin, endpoint_status::State,
     },
 };
 
@@ -55,5 +60,73 @@ impl CacheAdmin for CacheAdminV1 {
             shared_entries: shared,
             broadcast,
         }))
+    }
+}
+
+/// The v1 endpoint admin service.
+pub struct EndpointAdminV1 {
+    engine: Arc<Engine>,
+}
+
+impl EndpointAdminV1 {
+    /// Shows `engine`'s downstream endpoints.
+    pub fn new(engine: Arc<Engine>) -> EndpointAdminV1 {
+        EndpointAdminV1 { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl EndpointAdmin for EndpointAdminV1 {
+    async fn list_endpoints(
+        &self,
+        request: Request<ListEndpointsRequest>,
+    ) -> Result<Response<ListEndpointsResponse>, Status> {
+        let req = request.into_inner();
+        let mut wanted = Vec::new();
+        let mut violations = Vec::new();
+        for (i, name) in req.downstreams.iter().enumerate() {
+            match Component::from_name(name) {
+                Some(c) => wanted.push(c),
+                None => {
+                    violations.push(unknown(format!("downstreams[{i}]"), name, &Component::ALL))
+                }
+            }
+        }
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations).into());
+        }
+        let mut pools: Vec<_> = self
+            .engine
+            .downstreams()
+            .pools()
+            .iter()
+            .filter(|(c, _)| wanted.is_empty() || wanted.contains(c))
+            .collect();
+        pools.sort_by_key(|(c, _)| *c);
+        let downstreams = pools
+            .into_iter()
+            .map(|(c, pool)| DownstreamEndpoints {
+                downstream: c.name().to_string(),
+                target: pool.target().to_string(),
+                endpoints: pool
+                    .view()
+                    .into_iter()
+                    .map(|e| EndpointStatus {
+                        address: e.address.to_string(),
+                        state: match e.health {
+                            Health::Ready => State::Ready,
+                            Health::Connecting => State::Connecting,
+                            Health::Ejected => State::Ejected,
+                        }
+                        .into(),
+                        ewma_ms: e.ewma.as_secs_f64() * 1e3,
+                        in_flight: e.in_flight as u64,
+                        connections: e.connections as u64,
+                        calls: e.calls,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(ListEndpointsResponse { downstreams }))
     }
 }

@@ -12,8 +12,15 @@ use super::{Problems, check_endpoint};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DownstreamSettings {
-    /// `http://host:port` of the service.
+    /// `http://host:port` of the service: an IP address is used as is, a
+    /// host name is resolved to every address (and re-resolved), a
+    /// `dns+srv://NAME` gives targets and ports from SRV records.
+    #[serde(default)]
     pub endpoint: String,
+    /// Several endpoints instead of one (each as `endpoint`); calls are
+    /// spread over all of them.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
     /// Longest a single attempt may take.
     #[serde(with = "humantime_serde", default = "default_timeout")]
     pub timeout: Duration,
@@ -36,6 +43,19 @@ pub struct DownstreamSettings {
     /// TLS to this downstream (needs an `https://` endpoint).
     #[serde(default)]
     pub tls: Option<DownstreamTls>,
+    /// Per-endpoint outlier ejection.
+    #[serde(default)]
+    pub ejection: EjectionSettings,
+    /// Calls in flight on one HTTP/2 connection before another connection
+    /// to the same endpoint is opened (grpc-go servers allow 100 streams).
+    #[serde(default = "default_streams_per_connection")]
+    pub max_streams_per_connection: usize,
+    /// Connections to one endpoint at most; past that, calls share them
+    /// (and wait for the server's stream limit in HTTP/2). Default: enough
+    /// for the bulkheads of every downstream sharing the endpoints to fit
+    /// on one endpoint, `max_streams_per_connection` per connection.
+    #[serde(default)]
+    pub max_connections_per_endpoint: Option<usize>,
     /// File holding a static service token sent as `authorization: Bearer
     /// ...` on every call (read at start).
     #[serde(default)]
@@ -67,6 +87,43 @@ fn default_timeout() -> Duration {
 
 fn default_max_concurrency() -> usize {
     100
+}
+
+fn default_streams_per_connection() -> usize {
+    100
+}
+
+/// Per-endpoint failure accrual: an endpoint that failed this many times in
+/// a row is taken out of the balancer for a backoff, then given one
+/// probation call.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EjectionSettings {
+    /// Consecutive failures (refused or reset connections, UNAVAILABLE)
+    /// that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; doubled for each further ejection in a
+    /// row, jittered.
+    #[serde(with = "humantime_serde")]
+    pub base: Duration,
+    /// The longest ejection.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+    /// At most this share of endpoints ejected for failed answers (at least
+    /// one always stays). An endpoint that refuses connections is ejected
+    /// whatever the share: it cannot take a call anyway.
+    pub max_ejected_share: f64,
+}
+
+impl Default for EjectionSettings {
+    fn default() -> Self {
+        EjectionSettings {
+            consecutive_failures: 5,
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            max_ejected_share: 0.5,
+        }
+    }
 }
 
 /// Circuit breaker over a count-based sliding window of recent calls.
@@ -168,13 +225,56 @@ impl Default for HedgeSettings {
 }
 
 impl DownstreamSettings {
+    /// Every configured endpoint (`endpoint`, or each of `endpoints`).
+    pub fn targets(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.endpoint.as_str())
+            .filter(|e| !e.is_empty())
+            .chain(self.endpoints.iter().map(String::as_str))
+    }
+
     /// Adds this downstream's problems, under `at` (`downstreams.NAME`).
     pub(super) fn check(&self, at: &str, p: &mut Problems) {
         let ds = self;
         let path = |key: &str| format!("{at}.{key}");
-        if let Err(why) = check_endpoint(&ds.endpoint) {
-            p.add(path("endpoint"), why);
+        match (ds.endpoint.is_empty(), ds.endpoints.is_empty()) {
+            (true, true) => p.add(
+                path("endpoint"),
+                "missing; this key is required (or endpoints, a list)",
+            ),
+            (false, false) => p.add(path("endpoints"), "set endpoint or endpoints, not both"),
+            _ => {}
         }
+        for (i, e) in ds.targets().enumerate() {
+            if let Err(why) = check_endpoint(e) {
+                let key = if ds.endpoints.is_empty() {
+                    path("endpoint")
+                } else {
+                    path(&format!("endpoints[{i}]"))
+                };
+                p.add(key, why);
+            }
+        }
+        if ds.max_streams_per_connection == 0 {
+            p.add(path("max_streams_per_connection"), "must be at least 1");
+        }
+        if ds
+            .max_connections_per_endpoint
+            .is_some_and(|n| !(1..=1000).contains(&n))
+        {
+            p.add(
+                path("max_connections_per_endpoint"),
+                "must be between 1 and 1000",
+            );
+        }
+        let e = &ds.ejection;
+        if e.consecutive_failures == 0 {
+            p.add(path("ejection.consecutive_failures"), "must be at least 1");
+        }
+        p.positive(path("ejection.base"), e.base);
+        if e.max < e.base {
+            p.add(path("ejection.max"), "must be at least ejection.base");
+        }
+        p.fraction(path("ejection.max_ejected_share"), e.max_ejected_share);
         p.positive(path("timeout"), ds.timeout);
         p.positive(path("connect_timeout"), ds.connect_timeout);
         if ds.max_concurrency == 0 {
@@ -223,14 +323,16 @@ impl DownstreamSettings {
         if h.min_samples == 0 {
             p.add(path("hedge.min_samples"), "must be at least 1");
         }
+        let http = ds.targets().any(|e| e.starts_with("http://"));
+        let https = ds.targets().any(|e| e.starts_with("https://"));
         if let Some(tls) = &ds.tls {
-            if !ds.endpoint.starts_with("https://") {
+            if http {
                 p.add(path("endpoint"), "must be https:// when tls is set");
             }
             if tls.cert.is_some() != tls.key.is_some() {
                 p.add(path("tls.key"), "cert and key must be set together");
             }
-        } else if ds.endpoint.starts_with("https://") {
+        } else if https {
             p.add(
                 path("tls"),
                 "an https:// endpoint needs a tls section with its ca",

@@ -16,6 +16,7 @@ use crate::component::{Component, ComponentSet, names};
 
 mod auth;
 mod cache;
+mod discovery;
 mod downstream;
 mod load;
 mod server;
@@ -26,8 +27,10 @@ pub use self::{
         jwt_algorithm, valid_scope, valid_trust_domain,
     },
     cache::{CacheSettings, ComponentCache, ComponentCacheSection},
+    discovery::DiscoverySettings,
     downstream::{
-        BreakerSettings, DownstreamSettings, DownstreamTls, HedgeSettings, RetrySettings,
+        BreakerSettings, DownstreamSettings, DownstreamTls, EjectionSettings, HedgeSettings,
+        RetrySettings,
     },
     server::{LogFormat, ServerSettings, TelemetrySettings},
 };
@@ -58,6 +61,8 @@ pub struct Config {
     pub batch: BatchSettings,
     /// Traces, metrics and logs.
     pub telemetry: TelemetrySettings,
+    /// How endpoint names are resolved.
+    pub discovery: DiscoverySettings,
     /// The component cache.
     pub cache: CacheSettings,
     /// Every downstream's settings, `downstream_defaults` merged with its own section.
@@ -86,6 +91,8 @@ struct RawConfig {
     batch: BatchSettings,
     #[serde(default)]
     telemetry: TelemetrySettings,
+    #[serde(default)]
+    discovery: DiscoverySettings,
     #[serde(default)]
     cache: CacheSettings,
     #[serde(default)]
@@ -339,6 +346,7 @@ impl Config {
             aggregates: raw.aggregates,
             batch: raw.batch,
             telemetry: raw.telemetry,
+            discovery: raw.discovery,
             cache: raw.cache,
             downstreams,
         };
@@ -404,6 +412,7 @@ impl Config {
             p.add("batch.window", "must be at most 100ms, e.g. \"1ms\"");
         }
         self.telemetry.check(p);
+        self.discovery.check(p);
         for (c, ds) in &self.downstreams {
             ds.check(&format!("downstreams.{c}"), p);
         }
@@ -444,10 +453,20 @@ impl Config {
         self.downstreams.get(&c)
     }
 
-    /// Replaces every downstream endpoint (the demo points them at its own sim).
-    pub fn with_all_endpoints(mut self, endpoint: &str) -> Config {
+    /// Replaces every downstream's endpoints (the demo points them at its
+    /// own sims).
+    pub fn with_all_endpoints(mut self, endpoints: &[String]) -> Config {
         for settings in self.downstreams.values_mut() {
-            settings.endpoint = endpoint.to_string();
+            match endpoints {
+                [one] => {
+                    settings.endpoint = one.clone();
+                    settings.endpoints.clear();
+                }
+                many => {
+                    settings.endpoint.clear();
+                    settings.endpoints = many.to_vec();
+                }
+            }
         }
         self
     }
@@ -475,14 +494,30 @@ fn check_endpoint(endpoint: &str) -> Result<(), String> {
         .parse()
         .map_err(|_| format!("{endpoint:?} is not a URI; use e.g. \"http://10.0.0.5:50061\""))?;
     match uri.scheme_str() {
-        Some("http" | "https") => {}
-        _ => return Err(format!("{endpoint:?} needs an http:// or https:// scheme")),
-    }
-    if uri.host().is_none() || uri.port_u16().is_none() {
-        return Err(format!("{endpoint:?} needs a host and a port"));
+        Some("http" | "https") => {
+            if uri.host().is_none() || uri.port_u16().is_none() {
+                return Err(format!("{endpoint:?} needs a host and a port"));
+            }
+        }
+        Some(SRV_SCHEME) => {
+            if uri.host().is_none() || uri.port().is_some() || uri.path() != "/" {
+                return Err(format!(
+                    "{endpoint:?}: an SRV name takes no port or path, e.g. \"{SRV_SCHEME}://_grpc._tcp.orders.service.consul\""
+                ));
+            }
+        }
+        _ => {
+            return Err(format!(
+                "{endpoint:?} needs an http://, https:// or {SRV_SCHEME}:// scheme"
+            ));
+        }
     }
     Ok(())
 }
+
+/// The scheme of an endpoint whose addresses and ports come from DNS SRV
+/// records (Consul's DNS interface, Kubernetes named ports).
+pub const SRV_SCHEME: &str = "dns+srv";
 
 #[cfg(test)]
 mod tests {
@@ -562,7 +597,9 @@ mod tests {
             "{found:?}"
         );
         assert!(
-            found.contains(&"downstreams.sms.endpoint: missing; this key is required".into()),
+            found
+                .iter()
+                .any(|p| p.starts_with("downstreams.sms.endpoint: missing; this key is required")),
             "{found:?}"
         );
     }

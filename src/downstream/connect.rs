@@ -1,19 +1,25 @@
-//! Building the downstream clients from config: channels, TLS, service
-//! tokens, and each client wrapped in its resilience stack.
+//! Building the downstream clients from config: balancer pools over the
+//! endpoints discovery finds, TLS, service tokens, and each client wrapped
+//! in its resilience stack.
 //!
-//! Endpoints come only from config. Channels are created lazily (bfb starts
-//! even when a downstream is down) and shared between downstreams that have
-//! the same endpoint, since HTTP/2 multiplexes their calls over one
-//! connection; the resilience stacks stay per downstream.
+//! Connections are made lazily (bfb starts even when a downstream is down).
+//! A pool is shared by downstreams configured with the same endpoints and
+//! connection settings, since HTTP/2 multiplexes their calls; the
+//! resilience stacks stay per downstream.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use tonic::{
     metadata::{Ascii, MetadataValue},
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
 };
 
-use super::{BatchDownstreams, Downstream, Downstreams, stack};
+use super::{
+    BatchDownstreams, Downstream, Downstreams,
+    balance::{Balanced, Connector, Pool, PoolSettings},
+    discovery::{self, Resolver, Source},
+    stack,
+};
 use crate::{
     component::Component,
     config::{Config, DownstreamSettings, DownstreamTls},
@@ -44,6 +50,14 @@ pub enum EndpointError {
         /// What tonic said.
         source: tonic::transport::Error,
     },
+    /// Its names cannot be resolved (no usable resolver configuration).
+    #[error("downstream {component}: {message}")]
+    Discovery {
+        /// The downstream.
+        component: Component,
+        /// What is wrong.
+        message: String,
+    },
     /// Its TLS files or token file cannot be used.
     #[error("downstream {component}: {message}")]
     Credentials {
@@ -61,7 +75,7 @@ macro_rules! downstream {
         let settings = $config
             .downstream($component)
             .ok_or(EndpointError::Missing($component))?;
-        let channel = $channels.get($component, settings)?;
+        let channel = $channels.get($component, settings, $config, $metrics)?;
         // Behind an Arc: every layer clones the stack below it per call, and
         // a tonic client is not cheap to clone; it is cloned once per attempt.
         let client = Arc::new(
@@ -88,9 +102,9 @@ impl Downstreams {
         config: &Config,
         metrics: &Arc<Metrics>,
     ) -> Result<Downstreams, EndpointError> {
-        let mut ch = Channels::default();
+        let mut ch = Pools::default();
         let m = metrics;
-        Ok(Downstreams {
+        let downstreams = Downstreams {
             profile: downstream!(
                 ch,
                 config,
@@ -228,6 +242,11 @@ impl Downstreams {
                     "downstream.sms.v1.SmsService/BatchListSms"
                 ),
             },
+            pools: Vec::new(),
+        };
+        Ok(Downstreams {
+            pools: ch.by_component,
+            ..downstreams
         })
     }
 }
@@ -275,36 +294,132 @@ fn client_tls(
     Ok(config)
 }
 
-/// Lazily connected channels, one per distinct endpoint, connect timeout
-/// and TLS settings.
+/// The balancer pools, one per distinct endpoint list and connection
+/// settings, and the resolver they share.
 #[derive(Default)]
-struct Channels(HashMap<(String, Duration, Option<DownstreamTls>), Channel>);
+struct Pools {
+    pools: HashMap<String, Arc<Pool>>,
+    by_component: Vec<(Component, Arc<Pool>)>,
+    resolver: Option<Arc<Resolver>>,
+}
 
-impl Channels {
+impl Pools {
     fn get(
         &mut self,
         component: Component,
         s: &DownstreamSettings,
-    ) -> Result<Channel, EndpointError> {
-        let key = (s.endpoint.clone(), s.connect_timeout, s.tls.clone());
-        if let Some(ch) = self.0.get(&key) {
-            return Ok(ch.clone());
+        config: &Config,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Balanced, EndpointError> {
+        let targets: Vec<&str> = s.targets().collect();
+        let key = format!(
+            "{targets:?} {:?} {:?} {:?} {} {:?}",
+            s.connect_timeout,
+            s.tls,
+            s.ejection,
+            s.max_streams_per_connection,
+            s.max_connections_per_endpoint
+        );
+        if let Some(pool) = self.pools.get(&key) {
+            pool.add_bulkhead(s.max_concurrency);
+            if !self.by_component.iter().any(|(c, _)| *c == component) {
+                self.by_component.push((component, pool.clone()));
+            }
+            return Ok(Balanced::new(pool.clone()));
         }
-        let mut endpoint = Endpoint::from_shared(s.endpoint.clone())
-            .map_err(|source| EndpointError::Invalid { component, source })?;
-        if let Some(tls) = &s.tls {
-            endpoint = endpoint
-                .tls_config(client_tls(component, &s.endpoint, tls)?)
-                .map_err(|source| EndpointError::Invalid { component, source })?;
+        let invalid = |e: &str| EndpointError::Discovery {
+            component,
+            message: format!("invalid endpoint {e:?}"),
+        };
+        let sources = targets
+            .iter()
+            .map(|t| Source::parse(t).ok_or_else(|| invalid(t)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let resolver = if sources.iter().all(|s| matches!(s, Source::Static(_))) {
+            None
+        } else {
+            Some(self.resolver(component, config)?)
+        };
+        let connector = connector(component, s, &targets, &sources)?;
+        let pool = Arc::new(Pool::new(
+            targets.join(","),
+            PoolSettings {
+                ejection: s.ejection.clone(),
+                max_streams_per_connection: s.max_streams_per_connection,
+                max_connections_per_endpoint: s.max_connections_per_endpoint,
+            },
+            connector,
+            metrics,
+        ));
+        discovery::start(
+            pool.clone(),
+            sources,
+            resolver,
+            config.discovery.clone(),
+            metrics.clone(),
+        );
+        pool.add_bulkhead(s.max_concurrency);
+        self.pools.insert(key, pool.clone());
+        self.by_component.push((component, pool.clone()));
+        Ok(Balanced::new(pool))
+    }
+
+    fn resolver(
+        &mut self,
+        component: Component,
+        config: &Config,
+    ) -> Result<Arc<Resolver>, EndpointError> {
+        if let Some(r) = &self.resolver {
+            return Ok(r.clone());
         }
-        let ch = endpoint
-            .connect_timeout(s.connect_timeout)
+        let r = Arc::new(
+            Resolver::new(&config.discovery)
+                .map_err(|message| EndpointError::Discovery { component, message })?,
+        );
+        self.resolver = Some(r.clone());
+        Ok(r)
+    }
+}
+
+/// How connections to one address of `s`'s endpoints are made: its scheme,
+/// TLS (the certificate checked against the configured name, not the
+/// address), connect timeout and keepalive. Checked once here, so a bad TLS
+/// file fails at start.
+fn connector(
+    component: Component,
+    s: &DownstreamSettings,
+    targets: &[&str],
+    sources: &[Source],
+) -> Result<Connector, EndpointError> {
+    let first = targets.first().copied().unwrap_or_default();
+    let tls = s
+        .tls
+        .as_ref()
+        .map(|t| client_tls(component, first, t))
+        .transpose()?;
+    // A single host name is the :authority of every call, as if connected
+    // by name; addresses speak for themselves.
+    let origin = match (targets, sources) {
+        ([one], [Source::Host { .. }]) => one.parse::<http::Uri>().ok(),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let connect_timeout = s.connect_timeout;
+    let make = move |addr: SocketAddr| -> Result<Endpoint, tonic::transport::Error> {
+        let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
+        if let Some(tls) = &tls {
+            e = e.tls_config(tls.clone())?;
+        }
+        if let Some(origin) = &origin {
+            e = e.origin(origin.clone());
+        }
+        Ok(e.connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(false)
-            .connect_lazy();
-        self.0.insert(key, ch.clone());
-        Ok(ch)
-    }
+            .keep_alive_while_idle(false))
+    };
+    make(SocketAddr::from(([127, 0, 0, 1], 1)))
+        .map_err(|source| EndpointError::Invalid { component, source })?;
+    Ok(Arc::new(move |addr| make(addr).ok()))
 }

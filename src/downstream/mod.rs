@@ -1,10 +1,14 @@
 //! The downstream services bfb calls: one [`Downstream`] per service, each a
 //! typed client behind its own resilience stack ([`stack`]).
 //!
-//! Endpoints come only from config; [`connect`] builds the clients, their
-//! channels and credentials.
+//! [`connect`] builds the clients, their credentials and the balancer pools
+//! under them: [`discovery`] finds each downstream's endpoints (addresses,
+//! DNS names, SRV names) and [`balance`] spreads calls over them, ejecting
+//! the ones that fail.
 
+pub mod balance;
 mod connect;
+pub mod discovery;
 pub mod loader;
 pub mod stack;
 
@@ -15,6 +19,7 @@ use tower::{ServiceExt, util::BoxCloneSyncService};
 pub use self::connect::EndpointError;
 use self::loader::{BatchFn, Loader};
 use crate::{
+    component::Component,
     config::BatchSettings,
     deadline::Deadline,
     pb::downstream::{
@@ -49,12 +54,7 @@ impl<M, T> Clone for Downstream<M, T> {
 impl<M, T> Downstream<M, T> {
     /// Calls the downstream through its stack within the caller's deadline.
     pub async fn call(&self, deadline: Deadline, message: M) -> Result<T, CallError> {
-        let call = Call {
-            message,
-            deadline,
-            attempt: 1,
-            hedge: false,
-        };
+        let call = Call::new(message, deadline);
         self.stack.clone().oneshot(call).await.map_err(|f| f.error)
     }
 }
@@ -80,6 +80,8 @@ pub struct Downstreams {
     /// The batch RPCs, each behind its own stack with its downstream's
     /// settings; used through [`Loaders`].
     batch: BatchDownstreams,
+    /// Each downstream's balancer pool (shared when endpoints are).
+    pools: Vec<(Component, Arc<balance::Pool>)>,
 }
 
 struct BatchDownstreams {
@@ -133,6 +135,11 @@ macro_rules! loader {
 }
 
 impl Downstreams {
+    /// Each downstream's balancer pool, for the admin API.
+    pub fn pools(&self) -> &[(Component, Arc<balance::Pool>)] {
+        &self.pools
+    }
+
     /// Loaders for one request, under `deadline`: batches of at most
     /// `max_batch` (`max_directory_batch` for names), collected for `window`
     /// after their first lookup.

@@ -138,6 +138,11 @@ impl Engine {
         &self.metrics
     }
 
+    /// The downstream clients (the admin API lists their endpoints).
+    pub fn downstreams(&self) -> &Downstreams {
+        &self.downstreams
+    }
+
     /// The component cache.
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache

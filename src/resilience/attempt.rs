@@ -22,7 +22,7 @@ use crate::{
     },
 };
 
-use super::{Call, CallFuture, Failed, Pushback};
+use super::{Call, CallFuture, Failed, NoEndpoints, Pushback};
 
 /// Adds [`Attempt`] with the downstream's own per-attempt timeout.
 #[derive(Clone)]
@@ -111,6 +111,8 @@ where
             span.record("budget_ms", budget.timeout.as_secs_f64() * 1e3);
             let mut request = Request::new(call.message);
             request.set_timeout(budget.timeout);
+            // The balancer reads it to send a retry or hedge elsewhere.
+            request.extensions_mut().insert(call.tried);
             propagate(&span, request.metadata_mut());
             let started = Instant::now();
             let (code, result) =
@@ -176,6 +178,9 @@ fn timeout_reason(caller_bound: bool) -> Reason {
 /// CANCELLED). A status the downstream sent never has a source.
 pub fn classify(status: &Status, spent: Spent) -> Failed {
     tracing::debug!(code = ?status.code(), message = status.message(), "downstream call failed");
+    if caused_by::<NoEndpoints>(status) {
+        return Failed::because(Reason::NoEndpoints);
+    }
     if is_transport_failure(status) {
         return Failed {
             error: CallError::Failed(Reason::Unavailable),
@@ -221,17 +226,19 @@ pub fn classify(status: &Status, spent: Spent) -> Failed {
 /// source, and that is not tonic's own grpc-timeout timer (`TimeoutExpired`,
 /// which it reports as CANCELLED: a timeout, classified by its code).
 fn is_transport_failure(status: &Status) -> bool {
+    std::error::Error::source(status).is_some() && !caused_by::<tonic::TimeoutExpired>(status)
+}
+
+/// Whether `E` is in `status`'s source chain.
+fn caused_by<E: std::error::Error + 'static>(status: &Status) -> bool {
     let mut source = std::error::Error::source(status);
-    if source.is_none() {
-        return false;
-    }
     while let Some(e) = source {
-        if e.is::<tonic::TimeoutExpired>() {
-            return false;
+        if e.is::<E>() {
+            return true;
         }
         source = e.source();
     }
-    true
+    false
 }
 
 /// Reads `grpc-retry-pushback-ms` (gRFC A6): a negative value means "do not

@@ -81,7 +81,9 @@ impl Outcome {
                     Reason::DeadlineExceeded
                     | Reason::NoBudget
                     | Reason::CircuitOpen
-                    | Reason::BulkheadFull => Outcome::Ignored,
+                    | Reason::BulkheadFull
+                    // The balancer failed it before any endpoint was called.
+                    | Reason::NoEndpoints => Outcome::Ignored,
                 },
             },
         }

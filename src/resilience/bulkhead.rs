@@ -123,12 +123,7 @@ mod tests {
             &Deadlines::default(),
             tokio::time::Instant::now(),
         );
-        Call {
-            message: (),
-            deadline: d,
-            attempt: 1,
-            hedge: false,
-        }
+        Call::new((), d)
     }
 
     #[tokio::test(start_paused = true)]

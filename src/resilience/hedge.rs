@@ -213,12 +213,7 @@ mod tests {
             &Deadlines::default(),
             Instant::now(),
         );
-        Call {
-            message: (),
-            deadline: d,
-            attempt: 1,
-            hedge: false,
-        }
+        Call::new((), d)
     }
 
     fn metrics() -> DownstreamMetrics {

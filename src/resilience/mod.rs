@@ -10,10 +10,17 @@
 pub mod attempt;
 pub mod breaker;
 pub mod bulkhead;
+pub mod eject;
 pub mod hedge;
 pub mod retry;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::future::BoxFuture;
 
@@ -39,7 +46,46 @@ pub struct Call<M> {
     pub attempt: u32,
     /// Whether this copy is a hedge.
     pub hedge: bool,
+    /// The endpoint the call's latest attempt went to, shared by its
+    /// retries and hedges so each goes to another one when it can.
+    pub tried: Tried,
 }
+
+impl<M> Call<M> {
+    /// The first attempt of a call.
+    pub fn new(message: M, deadline: Deadline) -> Call<M> {
+        Call {
+            message,
+            deadline,
+            attempt: 1,
+            hedge: false,
+            tried: Tried::default(),
+        }
+    }
+}
+
+/// The id of the endpoint a call's latest attempt went to (0: none yet).
+/// The attempt layer hands it to the balancer in the request's extensions.
+#[derive(Clone, Debug, Default)]
+pub struct Tried(Arc<AtomicU64>);
+
+impl Tried {
+    /// The endpoint id to avoid, 0 if none.
+    pub fn last(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Records the endpoint this attempt goes to.
+    pub fn set(&self, endpoint: u64) {
+        self.0.store(endpoint, Ordering::Relaxed);
+    }
+}
+
+/// The balancer had no endpoint to send an attempt to: none resolved, or
+/// every one ejected. The attempt fails at once with `NO_ENDPOINTS`.
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+#[error("no endpoint of the downstream is available")]
+pub struct NoEndpoints;
 
 /// What the downstream asked about retrying, in `grpc-retry-pushback-ms`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

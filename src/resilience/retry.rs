@@ -144,12 +144,7 @@ mod tests {
             },
             tokio::time::Instant::now(),
         );
-        Call {
-            message: (),
-            deadline: d,
-            attempt: 1,
-            hedge: false,
-        }
+        Call::new((), d)
     }
 
     fn unavailable(pushback: Pushback) -> Failed {

@@ -128,6 +128,7 @@ impl SimControl for Control {
         Ok(Response::new(GetStatsResponse {
             services,
             peak_total_in_flight: self.state.peak_in_flight(),
+            connections_accepted: self.state.connections_accepted(),
         }))
     }
 

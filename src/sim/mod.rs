@@ -93,6 +93,12 @@ pub async fn serve(
         data: config.data,
     };
     let on = |c: Component| config.services.contains(&c).then(|| sim.clone());
+    let accepted = state.clone();
+    let connections = futures::StreamExt::inspect(incoming(listener), move |c| {
+        if c.is_ok() {
+            accepted.connection_accepted();
+        }
+    });
     let (health, health_service) = tonic_health::server::health_reporter();
     for c in &config.services {
         health
@@ -130,7 +136,7 @@ pub async fn serve(
         .add_optional_service(on(Component::Emails).map(EmailsServiceServer::new))
         .add_optional_service(on(Component::Sms).map(SmsServiceServer::new))
         .add_optional_service(on(Component::Directory).map(DirectoryServiceServer::new))
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(connections, shutdown)
         .await?;
     Ok(())
 }

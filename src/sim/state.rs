@@ -81,6 +81,7 @@ pub struct SimState {
     initial: Behavior,
     total_in_flight: AtomicU64,
     peak_in_flight: AtomicU64,
+    connections: AtomicU64,
 }
 
 impl SimState {
@@ -91,6 +92,7 @@ impl SimState {
             initial,
             total_in_flight: AtomicU64::new(0),
             peak_in_flight: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
         };
         state.reset();
         state
@@ -132,6 +134,16 @@ impl SimState {
     /// Highest number of calls in flight at once, over all services.
     pub fn peak_in_flight(&self) -> u64 {
         self.peak_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts an accepted connection.
+    pub fn connection_accepted(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// TCP connections accepted since start.
+    pub fn connections_accepted(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Handles one call's simulated work: counts it, waits its latency and

@@ -45,6 +45,40 @@ pub struct DownstreamLabels {
     pub downstream: &'static str,
 }
 
+/// Labels of a balancer's series: its target (the configured endpoint).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    /// The configured endpoint(s), e.g. `http://orders.shop.svc:50061`.
+    pub target: String,
+}
+
+/// Labels of the endpoints-by-state gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointStateLabels {
+    /// The configured endpoint(s).
+    pub target: String,
+    /// `ready`, `connecting` or `ejected`.
+    pub state: &'static str,
+}
+
+/// Labels of per-endpoint series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// The configured endpoint(s).
+    pub target: String,
+    /// The endpoint's address, `ip:port`.
+    pub endpoint: String,
+}
+
+/// Labels of DNS resolutions.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResolutionLabels {
+    /// The name resolved (as configured).
+    pub name: String,
+    /// `ok`, `empty` (no records) or `error` (failed or timed out).
+    pub result: &'static str,
+}
+
 /// Labels of downstream attempt outcomes.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AttemptLabels {
@@ -178,6 +212,16 @@ pub struct Metrics {
     pub handshakes_in_progress: Gauge,
     /// Open `grpc.health.v1.Health/Watch` streams, over all listeners.
     pub health_watches: Gauge,
+    /// Endpoints of each balancer by state.
+    pub endpoints: Family<EndpointStateLabels, Gauge>,
+    /// HTTP/2 connections of each balancer.
+    pub endpoint_connections: Family<TargetLabels, Gauge>,
+    /// Endpoint ejections.
+    pub endpoint_ejections: Family<TargetLabels, Counter>,
+    /// Calls sent to each endpoint.
+    pub endpoint_calls: Family<EndpointLabels, Counter>,
+    /// DNS resolutions of endpoint names by result.
+    pub dns_resolutions: Family<ResolutionLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -210,6 +254,11 @@ impl Metrics {
             handshakes_dropped: Family::default(),
             handshakes_in_progress: Gauge::default(),
             health_watches: Gauge::default(),
+            endpoints: Family::default(),
+            endpoint_connections: Family::default(),
+            endpoint_ejections: Family::default(),
+            endpoint_calls: Family::default(),
+            dns_resolutions: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -303,6 +352,31 @@ impl Metrics {
             "bfb_health_watches",
             "Open health Watch streams (capped by server.max_health_watches)",
             m.health_watches.clone(),
+        );
+        r.register(
+            "bfb_endpoints",
+            "Downstream endpoints by balancer and state (ready, connecting, ejected)",
+            m.endpoints.clone(),
+        );
+        r.register(
+            "bfb_endpoint_connections",
+            "HTTP/2 connections open or opening to a balancer's endpoints",
+            m.endpoint_connections.clone(),
+        );
+        r.register(
+            "bfb_endpoint_ejections",
+            "Endpoints ejected after consecutive failures",
+            m.endpoint_ejections.clone(),
+        );
+        r.register(
+            "bfb_endpoint_calls",
+            "Calls sent to each endpoint",
+            m.endpoint_calls.clone(),
+        );
+        r.register(
+            "bfb_dns_resolutions",
+            "DNS resolutions of endpoint names by result (ok, empty, error)",
+            m.dns_resolutions.clone(),
         );
         Metrics { registry, ..m }
     }

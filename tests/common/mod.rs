@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod tls;
 
 use std::{net::SocketAddr, time::Duration};
@@ -47,7 +48,7 @@ pub async fn start(sim_config: SimConfig, tweak: impl FnOnce(&mut Config)) -> Ha
 
     let mut config = Config::example()
         .expect("example config")
-        .with_all_endpoints(&format!("http://{sim}"));
+        .with_all_endpoints(&[format!("http://{sim}")]);
     config.server.drain_delay = Duration::ZERO;
     tweak(&mut config);
     assert!(config.problems().is_empty(), "{:?}", config.problems());
@@ -91,7 +92,7 @@ pub async fn start_bfb(sim: SocketAddr, tweak: impl FnOnce(&mut Config)) -> Bfb 
     let (stop, rx) = watch::channel(());
     let mut config = Config::example()
         .expect("example config")
-        .with_all_endpoints(&format!("http://{sim}"));
+        .with_all_endpoints(&[format!("http://{sim}")]);
     config.server.drain_delay = Duration::ZERO;
     tweak(&mut config);
     let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind bfb");
@@ -148,6 +149,20 @@ pub async fn sim_process(addr: &str, args: &[&str]) -> (tokio::process::Child, S
     let mut all: Vec<&std::ffi::OsStr> = ["sim", "--listen", addr].map(AsRef::as_ref).to_vec();
     all.extend(args.iter().map(AsRef::<std::ffi::OsStr>::as_ref));
     spawn_bfb_process(&all).await
+}
+
+/// `n` sims as processes on 127.0.0.2, .3, ... sharing one port (Linux
+/// routes all of 127.0.0.0/8 to loopback): replicas of one downstream.
+pub async fn sim_replicas(n: u8) -> (Vec<tokio::process::Child>, Vec<SocketAddr>, u16) {
+    let port = dns::free_port("127.0.0.2");
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..n {
+        let (child, addr) = sim_process(&format!("127.0.0.{}:{port}", i + 2), &[]).await;
+        children.push(child);
+        addrs.push(addr);
+    }
+    (children, addrs, port)
 }
 
 /// The example config with every listener on port 0, the metrics endpoint
