@@ -13,7 +13,8 @@
 //!   one listener (plaintext or TLS), the admin and health-only listeners,
 //!   every HTTP/2 limit on each; `serve(config, listeners, shutdown)`.
 //! - [`api`]: one thin adapter per contract version (`customer_v1`,
-//!   `customer_v2`, `activity_v1`, and `admin_v1` for operators): check the
+//!   `customer_v2`, `activity_v1`, and `admin_v1` for operators: cache
+//!   invalidation and the balancers' endpoint lists): check the
 //!   request, call the engine, shape the answer; the preambles they share
 //!   live in `api` itself.
 //! - [`engine`]: the fan-out engine shared by every version: which downstream
@@ -27,12 +28,16 @@
 //!   (`cache::shared`) and request coalescing (`cache::singleflight`).
 //! - [`downstream`]: one typed client per downstream service, built from
 //!   config in `downstream::connect`, each behind its own resilience stack,
-//!   composed top to bottom in `downstream::stack`; per-request batching
-//!   loaders (`downstream::loader`).
+//!   composed top to bottom in `downstream::stack`, over a balancer
+//!   (`downstream::balance`: power of two choices over peak-EWMA latency,
+//!   connections per endpoint that follow the load, `NO_ENDPOINTS`) whose
+//!   endpoints `downstream::discovery` finds (addresses, DNS A/AAAA, SRV);
+//!   per-request batching loaders (`downstream::loader`).
 //! - [`resilience`]: the stack's layers, one module each: bulkhead, retry
 //!   (with budget and pushback), hedge, circuit breaker, attempt (deadline
-//!   budget as `grpc-timeout`, status classification); and the failures they
-//!   produce (`Failed`, `CallError`).
+//!   budget as `grpc-timeout`, status classification); per-endpoint failure
+//!   accrual the balancer applies (`resilience::eject`); and the failures
+//!   they produce (`Failed`, `CallError`).
 //! - [`auth`]: who is calling and what it may do: mTLS with SPIFFE IDs
 //!   (`auth::tls`, bfb's own TLS termination with reloaded files, and its
 //!   accept loop with capped pending handshakes, `auth::accept`), JWT bearer

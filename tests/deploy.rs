@@ -157,6 +157,30 @@ fn manifests_agree_with_the_config_and_the_server() {
 }
 
 #[test]
+fn the_downstream_example_is_a_headless_service_the_config_resolves() {
+    let svc = manifest("downstream-headless-service.yaml");
+    assert_eq!(svc["kind"].as_str(), Some("Service"));
+    assert_eq!(
+        at(&svc, "spec.clusterIP").as_str(),
+        Some("None"),
+        "headless: the name must resolve to every pod"
+    );
+    let name = at(&svc, "metadata.name").as_str().expect("name");
+    let namespace = at(&svc, "metadata.namespace").as_str().expect("namespace");
+    let port = at(&svc, "spec.ports.0.port").as_u64().expect("port");
+    assert_eq!(at(&svc, "spec.ports.0.name").as_str(), Some("grpc"));
+    let cm = manifest("configmap.yaml");
+    let config = Config::parse(cm["data"]["bfb.toml"].as_str().expect("toml")).expect("config");
+    let orders = config
+        .downstream(bfb::component::Component::Orders)
+        .expect("orders");
+    assert_eq!(
+        orders.endpoint,
+        format!("http://{name}.{namespace}.svc.cluster.local:{port}")
+    );
+}
+
+#[test]
 fn the_service_monitor_scrapes_the_services_metrics_port() {
     let monitor = manifest("servicemonitor.yaml");
     let service = manifest("service.yaml");

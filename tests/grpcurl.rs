@@ -264,8 +264,9 @@ async fn run_all(what: &str, commands: &[Vec<String>]) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_grpcurl_command_of_the_readme_and_the_demo_works() {
+/// `bfb demo` on port 0 with `args`; its process, printed instructions and
+/// the bfb, sim and admin addresses they name.
+async fn demo(args: &[&str]) -> (tokio::process::Child, String, [String; 3]) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut demo = Command::new(env!("CARGO_BIN_EXE_bfb"))
         .args([
@@ -276,6 +277,7 @@ async fn every_grpcurl_command_of_the_readme_and_the_demo_works() {
             "127.0.0.1:0",
         ])
         .args(["--admin-listen", "127.0.0.1:0", "--sim-latency", "1ms"])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
@@ -283,10 +285,11 @@ async fn every_grpcurl_command_of_the_readme_and_the_demo_works() {
         .expect("spawn demo");
     let mut lines = BufReader::new(demo.stdout.take().expect("stdout")).lines();
     let mut printed = String::new();
+    // The admin block comes last and ends with the endpoint list.
     while let Ok(Some(line)) = lines.next_line().await {
         printed.push_str(&line);
         printed.push('\n');
-        if line.contains("bfb.admin.v1.CacheAdmin/InvalidateEntity") {
+        if line.contains("EndpointAdmin/ListEndpoints") && printed.contains("Admin API on ") {
             break;
         }
     }
@@ -304,8 +307,13 @@ async fn every_grpcurl_command_of_the_readme_and_the_demo_works() {
             .unwrap_or_default();
         format!("{token}:{port}")
     };
-    let (bfb, sim, admin) = (addr("bfb on "), addr("services on "), addr("Admin API on "));
+    let addrs = [addr("bfb on "), addr("services on "), addr("Admin API on ")];
+    (demo, printed, addrs)
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_grpcurl_command_of_the_readme_and_the_demo_works() {
+    let (mut demo, printed, [bfb, sim, admin]) = demo(&[]).await;
     let demo_commands = commands(&printed);
     assert!(demo_commands.len() >= 12, "{printed}");
     assert!(
@@ -322,5 +330,35 @@ async fn every_grpcurl_command_of_the_readme_and_the_demo_works() {
     let readme_commands = commands(&readme);
     assert!(readme_commands.len() >= 12, "{readme_commands:?}");
     run_all("README", &readme_commands).await;
+    demo.kill().await.expect("kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_with_replicas_balances_over_them_and_lists_them() {
+    let (mut demo, printed, [_, _, admin]) = demo(&["--replicas", "3"]).await;
+    assert!(printed.contains("3 replicas"), "{printed}");
+    // Its commands (make one replica slow, call, list) all work.
+    run_all("demo --replicas 3", &commands(&printed)).await;
+    let out = grpcurl(
+        admin.parse().expect("admin addr"),
+        &["-d", r#"{"downstreams":["orders"]}"#],
+        &["bfb.admin.v1.EndpointAdmin/ListEndpoints"],
+    )
+    .await;
+    let list = json(&out);
+    let endpoints = list["downstreams"][0]["endpoints"]
+        .as_array()
+        .expect("endpoints");
+    assert_eq!(endpoints.len(), 3, "{list}");
+    let calls: u64 = endpoints
+        .iter()
+        .map(|e| {
+            e["calls"]
+                .as_str()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(calls > 0, "the demo's calls reached the replicas: {list}");
     demo.kill().await.expect("kill");
 }

@@ -702,6 +702,130 @@ fn refused(e: &(dyn std::error::Error + 'static)) -> bool {
 mod tests {
     use super::*;
 
+    fn pool(n: u8, share: f64) -> (Pool, Vec<Arc<Endpoint>>) {
+        let settings = PoolSettings {
+            ejection: EjectionSettings {
+                consecutive_failures: 2,
+                max_ejected_share: share,
+                ..EjectionSettings::default()
+            },
+            max_streams_per_connection: 2,
+            max_connections_per_endpoint: Some(2),
+        };
+        let connector: Connector =
+            Arc::new(|addr| tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok());
+        let p = Pool::new("t".into(), settings, connector, &Arc::new(Metrics::new()));
+        let addrs: Vec<SocketAddr> = (1..=n).map(|i| ([10, 0, 0, i], 80).into()).collect();
+        p.update(&addrs);
+        p.first.set();
+        let eps = p.endpoints.load_full().to_vec();
+        (p, eps)
+    }
+
+    fn fail(p: &Pool, e: &Endpoint, times: u32, unreachable: bool) {
+        for _ in 0..times {
+            p.finish(e, Instant::now(), Outcome::Failure { unreachable });
+        }
+    }
+
+    fn healths(p: &Pool) -> Vec<Health> {
+        p.view().into_iter().map(|v| v.health).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_avoids_the_endpoint_it_repeats_unless_it_is_the_only_one() {
+        let (p, eps) = pool(2, 0.5);
+        for _ in 0..200 {
+            let picked = p.pick(eps[0].id, Instant::now()).expect("pick");
+            assert_eq!(picked.id, eps[1].id);
+        }
+        let (one, eps) = pool(1, 0.5);
+        assert_eq!(
+            one.pick(eps[0].id, Instant::now()).expect("pick").id,
+            eps[0].id
+        );
+        let (empty, _) = pool(0, 0.5);
+        assert!(empty.pick(0, Instant::now()).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_choices_take_the_cheaper_endpoint() {
+        let (p, eps) = pool(2, 0.5);
+        let now = Instant::now();
+        eps[0]
+            .state
+            .lock()
+            .unwrap()
+            .rtt
+            .observe(Duration::from_millis(50), now);
+        eps[1].state.lock().unwrap().rtt = PeakEwma::new(Duration::from_millis(1), now);
+        for _ in 0..100 {
+            assert_eq!(p.pick(0, now).expect("pick").id, eps[1].id);
+        }
+        // Load counts too: 60 calls in flight on the fast one outweigh it.
+        eps[1].in_flight.store(60, Ordering::Relaxed);
+        assert_eq!(p.pick(0, now).expect("pick").id, eps[0].id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_answers_eject_within_the_share_refusals_beyond_it() {
+        let (p, eps) = pool(3, 0.5);
+        fail(&p, &eps[0], 2, false);
+        fail(&p, &eps[1], 5, false);
+        // At most one of three ejected for failing answers.
+        assert_eq!(
+            healths(&p),
+            [Health::Ejected, Health::Connecting, Health::Connecting]
+        );
+        // An endpoint that refuses connections goes whatever the share.
+        fail(&p, &eps[2], 2, true);
+        fail(&p, &eps[1], 1, true);
+        assert_eq!(healths(&p), [Health::Ejected; 3]);
+        // Nothing can take a call: the pool says so at once.
+        assert!(p.pick(0, Instant::now()).is_none());
+        // After the backoff (at most 1 s), one probation call per endpoint;
+        // its success restores the endpoint and frees its share.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let probe = p.pick(0, Instant::now()).expect("a probe");
+        p.finish(&probe, Instant::now(), Outcome::Success);
+        assert_eq!(p.ejected.load(Ordering::Relaxed), 2);
+        let ready = healths(&p).iter().filter(|h| **h == Health::Ready).count();
+        assert_eq!(ready, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_follow_the_streams_in_flight() {
+        let (p, eps) = pool(1, 0.5);
+        let e = &eps[0];
+        let (_, a) = e.connection(&p).expect("first");
+        let (_, b) = e.connection(&p).expect("second stream");
+        assert!(Arc::ptr_eq(&a, &b), "two streams fit one connection");
+        let (_, c) = e.connection(&p).expect("third stream");
+        assert!(!Arc::ptr_eq(&a, &c), "a new connection past the cap");
+        // At the connection cap, the least loaded one is shared.
+        let (_, d) = e.connection(&p).expect("fourth");
+        let (_, f) = e.connection(&p).expect("fifth");
+        assert_eq!(e.conns.lock().unwrap().len(), 2);
+        assert_eq!(a.load(Ordering::Relaxed) + c.load(Ordering::Relaxed), 5);
+        drop((d, f));
+        // Idle extra connections close; the first stays.
+        c.store(0, Ordering::Relaxed);
+        a.store(0, Ordering::Relaxed);
+        p.shrink_idle();
+        assert_eq!(e.conns.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unchanged_endpoint_keeps_its_state_across_updates() {
+        let (p, eps) = pool(2, 0.5);
+        let kept = eps[1].id;
+        p.update(&[eps[1].addr, ([10, 0, 0, 9], 80).into()]);
+        let now: Vec<u64> = p.endpoints.load().iter().map(|e| e.id).collect();
+        assert_eq!(now[0], kept);
+        assert_ne!(now[1], eps[0].id);
+        assert!(eps[0].state.lock().unwrap().removed);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn peak_ewma_jumps_up_and_decays_down() {
         let now = Instant::now();

@@ -219,7 +219,7 @@ impl FirstResolution {
         self.done.load(Ordering::Acquire)
     }
 
-    fn set(&self) {
+    pub(super) fn set(&self) {
         self.done.store(true, Ordering::Release);
         self.notify.notify_waiters();
     }
