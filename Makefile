@@ -27,6 +27,7 @@ bench:
 	cargo bench --locked --bench fanout
 	cargo bench --locked --bench hedge
 	cargo bench --locked --bench batch
+	cargo bench --locked --bench balance
 
 ## The release binary, built exactly as the Dockerfile builds it.
 release:

@@ -72,7 +72,8 @@ fn exported(families: &[(String, String)], name: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_and_dashboard_use_only_metrics_bfb_exports() {
-    // With a consumer, so its per-consumer series exist too.
+    // With a consumer, so its per-consumer series exist too, and one
+    // downstream named by a host name, so the DNS series do.
     let h = common::start(SimConfig::default(), |c| {
         c.auth.consumers.insert(
             "reports".into(),
@@ -82,8 +83,21 @@ async fn rules_and_dashboard_use_only_metrics_bfb_exports() {
                 &[],
             ),
         );
+        let profile = c
+            .downstream_mut(bfb::component::Component::Profile)
+            .expect("profile");
+        profile.endpoint = profile.endpoint.replace("127.0.0.1", "localhost");
     })
     .await;
+    // The first call waits for the first resolution of the name.
+    h.customers()
+        .await
+        .get_customer(bfb::pb::bfb::customer::v1::GetCustomerRequest {
+            customer_id: "c-1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("call");
     let exposition = h.metrics_text().await;
     let families = families(&exposition);
 
