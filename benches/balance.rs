@@ -5,7 +5,14 @@
 //! - `channel`: one plain tonic `Channel` to one sim (what bfb did before it
 //!   balanced: one connection per downstream);
 //! - `balanced-1`: bfb's `Balanced` over a pool of that one endpoint;
-//! - `balanced-3`: `Balanced` over three sims (p2c actually choosing).
+//! - `round-robin-3`: three plain `Channel`s, one per sim, taken in turn
+//!   (spreading without any load measure);
+//! - `balanced-3`: `Balanced` over the three sims (p2c over peak-EWMA).
+//!
+//! `balanced-1` against `channel` is the cost of the balancer's bookkeeping;
+//! `balanced-3` against `round-robin-3` the cost of choosing by load rather
+//! than in turn (both pay for spreading calls over three connections: fewer
+//! calls per HTTP/2 write, so more syscalls per call).
 //!
 //! The sims run as separate processes (pinned to core 1 when `taskset`
 //! exists), so this process's CPU time is the client's alone. Each round
@@ -50,6 +57,10 @@ fn own_cpu() -> Duration {
 #[derive(Clone)]
 enum Client {
     Channel(ProfileServiceClient<Channel>),
+    RoundRobin(
+        Vec<ProfileServiceClient<Channel>>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ),
     Balanced(ProfileServiceClient<Balanced>),
 }
 
@@ -60,6 +71,10 @@ impl Client {
         };
         match self {
             Client::Channel(c) => c.get_profile(req).await.map(drop),
+            Client::RoundRobin(all, next) => {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % all.len();
+                all[i].clone().get_profile(req).await.map(drop)
+            }
             Client::Balanced(c) => c.get_profile(req).await.map(drop),
         }
     }
@@ -147,16 +162,18 @@ async fn main() -> Result<(), Boxed> {
         addrs.push(addr);
     }
     let metrics = Arc::new(Metrics::new());
-    let channel = Endpoint::from_shared(format!("http://{}", addrs[0]))?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    let mut channels = Vec::new();
+    for a in &addrs {
+        let ch = Endpoint::from_shared(format!("http://{a}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        channels.push(ProfileServiceClient::new(ch));
+    }
     let variants = [
-        (
-            "channel",
-            Client::Channel(ProfileServiceClient::new(channel)),
-        ),
+        ("channel", Client::Channel(channels[0].clone())),
         ("balanced-1", balanced(&addrs[..1], &metrics)),
+        ("round-robin-3", Client::RoundRobin(channels, Arc::default())),
         ("balanced-3", balanced(&addrs, &metrics)),
     ];
     // Warm every connection.
@@ -177,12 +194,12 @@ async fn main() -> Result<(), Boxed> {
         "balancer cost: GetProfile from this process, concurrency 16, {rounds} rounds of {secs} s, min / median / max"
     );
     println!(
-        "{:<12} {:>28} {:>28}",
+        "{:<14} {:>28} {:>28}",
         "variant", "client CPU µs/call", "calls/s"
     );
     for (i, (name, _)) in variants.iter().enumerate() {
         println!(
-            "{:<12} {:>28} {:>28}",
+            "{:<14} {:>28} {:>28}",
             name,
             spread(cpu[i].clone()),
             spread(rate[i].clone())

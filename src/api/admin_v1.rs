@@ -42,14 +42,12 @@ impl CacheAdmin for CacheAdminV1 {
         let req = request.into_inner();
         let mut violations = Vec::new();
         check_id("entity_id", &req.entity_id, &mut violations);
-        let cached = &Component::DATA;
-        let mut components = Vec::new();
-        for (i, name) in req.components.iter().enumerate() {
-            match Component::from_name(name).filter(|c| cached.contains(c)) {
-                Some(c) => components.push(c),
-                None => violations.push(unknown(format!("components[{i}]"), name, cached)),
-            }
-        }
+        let components = named(
+            "components",
+            &req.components,
+            &Component::DATA,
+            &mut violations,
+        );
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
@@ -61,6 +59,24 @@ impl CacheAdmin for CacheAdminV1 {
             broadcast,
         }))
     }
+}
+
+/// The components `names` (request field `field`) name, each one of
+/// `allowed`; a violation for each that is not.
+fn named(
+    field: &str,
+    names: &[String],
+    allowed: &[Component],
+    violations: &mut Vec<tonic_types::FieldViolation>,
+) -> Vec<Component> {
+    let mut found = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        match Component::from_name(name).filter(|c| allowed.contains(c)) {
+            Some(c) => found.push(c),
+            None => violations.push(unknown(format!("{field}[{i}]"), name, allowed)),
+        }
+    }
+    found
 }
 
 /// The v1 endpoint admin service.
@@ -82,16 +98,13 @@ impl EndpointAdmin for EndpointAdminV1 {
         request: Request<ListEndpointsRequest>,
     ) -> Result<Response<ListEndpointsResponse>, Status> {
         let req = request.into_inner();
-        let mut wanted = Vec::new();
         let mut violations = Vec::new();
-        for (i, name) in req.downstreams.iter().enumerate() {
-            match Component::from_name(name) {
-                Some(c) => wanted.push(c),
-                None => {
-                    violations.push(unknown(format!("downstreams[{i}]"), name, &Component::ALL))
-                }
-            }
-        }
+        let wanted = named(
+            "downstreams",
+            &req.downstreams,
+            &Component::ALL,
+            &mut violations,
+        );
         if !violations.is_empty() {
             return Err(Error::InvalidArgument(violations).into());
         }
