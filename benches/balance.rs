@@ -173,7 +173,10 @@ async fn main() -> Result<(), Boxed> {
     let variants = [
         ("channel", Client::Channel(channels[0].clone())),
         ("balanced-1", balanced(&addrs[..1], &metrics)),
-        ("round-robin-3", Client::RoundRobin(channels, Arc::default())),
+        (
+            "round-robin-3",
+            Client::RoundRobin(channels, Arc::default()),
+        ),
         ("balanced-3", balanced(&addrs, &metrics)),
     ];
     // Warm every connection.
