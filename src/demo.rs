@@ -117,7 +117,7 @@ pub async fn run(
             "\n\nAdmin API on {admin}: drop an entity's cached answers (both tiers, all replicas),\n\
              and list each downstream's endpoints with their state, latency estimate and load:\n\n  \
              grpcurl -plaintext -d '{{\"entity_id\":\"c-42\"}}' {admin} bfb.admin.v1.CacheAdmin/InvalidateEntity\n  \
-             grpcurl -plaintext -d '{{\"downstreams\":[\"orders\"]}}' {admin} bfb.admin.v1.EndpointAdmin/ListEndpoints"
+             grpcurl -plaintext -d '{{\"downstreams\":[\"orders\"]}}' {admin} bfb.admin.v1.EndpointAdminService/ListEndpoints"
         ));
     }
     if let Some(addr) = metrics_addr {
@@ -167,7 +167,7 @@ fn replica_instructions(
         .join(", ");
     let watch = admin.map_or(String::new(), |admin| {
         format!(
-            "\n  grpcurl -plaintext -d '{{\"downstreams\":[\"orders\"]}}' {admin} bfb.admin.v1.EndpointAdmin/ListEndpoints"
+            "\n  grpcurl -plaintext -d '{{\"downstreams\":[\"orders\"]}}' {admin} bfb.admin.v1.EndpointAdminService/ListEndpoints"
         )
     });
     format!(

@@ -32,7 +32,8 @@ use crate::{
         bfb::{
             activity::v1::user_activity_service_server::UserActivityServiceServer,
             admin::v1::{
-                cache_admin_server::CacheAdminServer, endpoint_admin_server::EndpointAdminServer,
+                cache_admin_server::CacheAdminServer,
+                endpoint_admin_service_server::EndpointAdminServiceServer,
             },
             customer::v1::customer_aggregate_service_server::CustomerAggregateServiceServer,
             customer::v2::customer_aggregate_service_server::CustomerAggregateServiceServer as CustomerV2Server,
@@ -199,7 +200,7 @@ pub async fn serve(
         .map_err(ServeError::Security)?;
     let engine = Arc::new(Engine::new(config, &metrics)?);
     let admin = CacheAdminServer::new(CacheAdminV1::new(engine.cache().clone()));
-    let endpoint_admin = EndpointAdminServer::new(EndpointAdminV1::new(engine.clone()));
+    let endpoint_admin = EndpointAdminServiceServer::new(EndpointAdminV1::new(engine.clone()));
     let max_request = config.server.max_request_bytes;
     let customer_v1 = CustomerAggregateServiceServer::new(CustomerV1::new(engine.clone()))
         .max_decoding_message_size(max_request);
@@ -247,7 +248,7 @@ pub async fn serve(
     if let Some(listener) = listeners.admin {
         let (admin_reflection, admin_reflection_v1alpha) = reflection(&[
             <CacheAdminServer<CacheAdminV1> as NamedService>::NAME,
-            <EndpointAdminServer<EndpointAdminV1> as NamedService>::NAME,
+            <EndpointAdminServiceServer<EndpointAdminV1> as NamedService>::NAME,
         ])?;
         tracing::info!(addr = %addr_text(listener.local_addr().ok()), "admin API serving");
         let router = builder(s)

@@ -11,7 +11,7 @@ use bfb::{
     config::Config,
     pb::bfb::{
         admin::v1::{
-            ListEndpointsRequest, endpoint_admin_client::EndpointAdminClient,
+            ListEndpointsRequest, endpoint_admin_service_client::EndpointAdminServiceClient,
             endpoint_status::State,
         },
         common::v1::Completeness,
@@ -229,7 +229,7 @@ async fn a_killed_replica_is_ejected_and_no_caller_sees_it() {
         "the downstream's breaker opened"
     );
     // The admin API shows it ejected, the others ready.
-    let mut admin = EndpointAdminClient::new(common::channel(b.admin).await);
+    let mut admin = EndpointAdminServiceClient::new(common::channel(b.admin).await);
     let list = admin
         .list_endpoints(ListEndpointsRequest {
             downstreams: vec!["profile".into()],

@@ -289,7 +289,8 @@ async fn demo(args: &[&str]) -> (tokio::process::Child, String, [String; 3]) {
     while let Ok(Some(line)) = lines.next_line().await {
         printed.push_str(&line);
         printed.push('\n');
-        if line.contains("EndpointAdmin/ListEndpoints") && printed.contains("Admin API on ") {
+        if line.contains("EndpointAdminService/ListEndpoints") && printed.contains("Admin API on ")
+        {
             break;
         }
     }
@@ -342,7 +343,7 @@ async fn the_demo_with_replicas_balances_over_them_and_lists_them() {
     let out = grpcurl(
         admin.parse().expect("admin addr"),
         &["-d", r#"{"downstreams":["orders"]}"#],
-        &["bfb.admin.v1.EndpointAdmin/ListEndpoints"],
+        &["bfb.admin.v1.EndpointAdminService/ListEndpoints"],
     )
     .await;
     let list = json(&out);

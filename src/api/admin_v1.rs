@@ -1,5 +1,5 @@
 //! `bfb.admin.v1`: operator control of the cache (`CacheAdmin`) and a view
-//! of the balancers' endpoints (`EndpointAdmin`), served on the admin
+//! of the balancers' endpoints (`EndpointAdminService`), served on the admin
 //! listener only.
 
 use std::sync::Arc;
@@ -15,7 +15,7 @@ use crate::{
     pb::bfb::admin::v1::{
         DownstreamEndpoints, EndpointStatus, InvalidateEntityRequest, InvalidateEntityResponse,
         ListEndpointsRequest, ListEndpointsResponse, cache_admin_server::CacheAdmin,
-        endpoint_admin_server::EndpointAdmin, endpoint_status::State,
+        endpoint_admin_service_server::EndpointAdminService, endpoint_status::State,
     },
 };
 
@@ -92,7 +92,7 @@ impl EndpointAdminV1 {
 }
 
 #[tonic::async_trait]
-impl EndpointAdmin for EndpointAdminV1 {
+impl EndpointAdminService for EndpointAdminV1 {
     async fn list_endpoints(
         &self,
         request: Request<ListEndpointsRequest>,

@@ -37,8 +37,15 @@ pub struct CacheSettings {
     /// Time a background refresh may take.
     #[serde(with = "humantime_serde")]
     pub refresh_timeout: Duration,
-    /// Shared tier: `redis://host:port`; unset: in-process only.
+    /// Shared tier on one Redis server: `redis://host:port`; unset (and no
+    /// `redis_sentinel` or `redis_cluster`): in-process only.
     pub redis_url: Option<String>,
+    /// Shared tier behind Redis Sentinel: the master's name and the
+    /// sentinels; bfb follows failovers.
+    pub redis_sentinel: Option<RedisSentinel>,
+    /// Shared tier on a Redis Cluster: some of its nodes (`redis://...`);
+    /// the rest are discovered.
+    pub redis_cluster: Option<Vec<String>>,
     /// Longest a Redis call may take; past it bfb goes on without Redis.
     #[serde(with = "humantime_serde")]
     pub redis_timeout: Duration,
@@ -58,9 +65,46 @@ impl Default for CacheSettings {
             allow_stale_required: false,
             refresh_timeout: Duration::from_secs(2),
             redis_url: None,
+            redis_sentinel: None,
+            redis_cluster: None,
             redis_timeout: Duration::from_millis(20),
             components: BTreeMap::new(),
         }
+    }
+}
+
+/// `cache.redis_sentinel`: where the sentinels are and which master they
+/// watch.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSentinel {
+    /// The master's name in the sentinels' configuration.
+    pub master: String,
+    /// Sentinel addresses, `redis://host:26379`.
+    pub sentinels: Vec<String>,
+}
+
+/// Which Redis the shared tier uses, from `cache.redis_*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTopology {
+    /// One server.
+    Single(String),
+    /// A master found through sentinels.
+    Sentinel(RedisSentinel),
+    /// A cluster, from some of its nodes.
+    Cluster(Vec<String>),
+}
+
+impl CacheSettings {
+    /// The shared tier's Redis, if one is configured.
+    pub fn redis(&self) -> Option<RedisTopology> {
+        if let Some(url) = &self.redis_url {
+            return Some(RedisTopology::Single(url.clone()));
+        }
+        if let Some(s) = &self.redis_sentinel {
+            return Some(RedisTopology::Sentinel(s.clone()));
+        }
+        self.redis_cluster.clone().map(RedisTopology::Cluster)
     }
 }
 
@@ -122,13 +166,46 @@ impl CacheSettings {
         }
         p.positive("cache.refresh_timeout", c.refresh_timeout);
         p.positive("cache.redis_timeout", c.redis_timeout);
-        if let Some(url) = &c.redis_url
-            && redis::Client::open(url.as_str()).is_err()
-        {
+        let set = [
+            c.redis_url.is_some(),
+            c.redis_sentinel.is_some(),
+            c.redis_cluster.is_some(),
+        ];
+        if set.iter().filter(|s| **s).count() > 1 {
             p.add(
                 "cache.redis_url",
-                "not a Redis URL; use e.g. \"redis://127.0.0.1:6379\"",
+                "set one of redis_url, redis_sentinel and redis_cluster",
             );
+        }
+        let mut url = |path: String, url: &str| {
+            if redis::Client::open(url).is_err() {
+                p.add(path, "not a Redis URL; use e.g. \"redis://127.0.0.1:6379\"");
+            }
+        };
+        if let Some(u) = &c.redis_url {
+            url("cache.redis_url".into(), u);
+        }
+        if let Some(s) = &c.redis_sentinel {
+            for (i, u) in s.sentinels.iter().enumerate() {
+                url(format!("cache.redis_sentinel.sentinels[{i}]"), u);
+            }
+        }
+        if let Some(nodes) = &c.redis_cluster {
+            for (i, u) in nodes.iter().enumerate() {
+                url(format!("cache.redis_cluster[{i}]"), u);
+            }
+        }
+        if c.redis_sentinel
+            .as_ref()
+            .is_some_and(|s| s.sentinels.is_empty() || s.master.is_empty())
+        {
+            p.add(
+                "cache.redis_sentinel",
+                "needs master and at least one of sentinels",
+            );
+        }
+        if c.redis_cluster.as_ref().is_some_and(Vec::is_empty) {
+            p.add("cache.redis_cluster", "needs at least one node");
         }
         for comp in Component::ALL {
             let cc = c.component(comp);

@@ -26,7 +26,7 @@ pub use self::{
         AuthMode, AuthSettings, ConsumerSettings, JwtSettings, MtlsSettings, TlsSettings,
         jwt_algorithm, valid_scope, valid_trust_domain,
     },
-    cache::{CacheSettings, ComponentCache, ComponentCacheSection},
+    cache::{CacheSettings, ComponentCache, ComponentCacheSection, RedisSentinel, RedisTopology},
     discovery::DiscoverySettings,
     downstream::{
         BreakerSettings, DownstreamSettings, DownstreamTls, EjectionSettings, HedgeSettings,
