@@ -28,6 +28,7 @@
 mod key;
 pub mod shared;
 pub mod singleflight;
+pub mod topology;
 
 use std::{
     collections::HashSet,
@@ -137,7 +138,7 @@ impl moka::Expiry<String, Entry> for Expiry {
 }
 
 impl Cache {
-    /// A cache per `settings`. With `cache.redis_url`, the shared tier
+    /// A cache per `settings`. With `cache.redis_*`, the shared tier
     /// connects in the background and the cache subscribes to invalidations
     /// from other replicas (this needs a tokio runtime).
     pub fn new(
@@ -145,11 +146,9 @@ impl Cache {
         deadlines: &Deadlines,
         metrics: Arc<Metrics>,
     ) -> Arc<Cache> {
-        let shared = settings.redis_url.as_deref().and_then(|url| {
-            SharedTier::start(url, settings.redis_timeout, metrics.clone())
-                .map_err(|e| tracing::error!(error = %e, "redis cache tier disabled"))
-                .ok()
-        });
+        let shared = settings
+            .redis()
+            .map(|topology| SharedTier::start(topology, settings.redis_timeout, metrics.clone()));
         let store = moka::future::Cache::builder()
             .max_capacity(settings.max_bytes)
             .weigher(|k: &String, e: &Entry| {

@@ -6,7 +6,8 @@
 //! own circuit breaker; when Redis is slow or down, bfb skips it (counted)
 //! and serves from the in-process tier and the downstream. Writes never wait:
 //! they run in the background. The connection is made in the background too,
-//! so bfb starts and serves while Redis is down.
+//! so bfb starts and serves while Redis is down. Which Redis (one server,
+//! Sentinel, Cluster) is [`super::topology`]'s business.
 
 use std::{
     sync::{Arc, OnceLock},
@@ -14,11 +15,12 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use tokio::time::Instant;
 
+use super::topology::{Backend, ScanTarget};
 use crate::{
-    config::BreakerSettings,
+    config::{BreakerSettings, RedisTopology},
     resilience::breaker::{Breaker, Outcome},
     telemetry::metrics::{Metrics, SharedLabels},
 };
@@ -35,8 +37,7 @@ pub const INVALIDATIONS: &str = "bfb:cache:invalidate";
 
 /// The shared tier.
 pub struct SharedTier {
-    client: redis::Client,
-    conn: Arc<OnceLock<ConnectionManager>>,
+    conn: Arc<OnceLock<Backend>>,
     timeout: Duration,
     breaker: Arc<Breaker>,
     metrics: Arc<Metrics>,
@@ -87,19 +88,12 @@ fn decode(mut v: Bytes) -> Option<Entry> {
 }
 
 impl SharedTier {
-    /// Connects to `url` in the background; calls made before the
+    /// Connects to `topology` in the background; calls made before the
     /// connection exists skip Redis.
-    pub fn start(
-        url: &str,
-        timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> redis::RedisResult<SharedTier> {
-        let client = redis::Client::open(url)?;
+    pub fn start(topology: RedisTopology, timeout: Duration, metrics: Arc<Metrics>) -> SharedTier {
         let conn = Arc::new(OnceLock::new());
         let slot = conn.clone();
-        let connector = client.clone();
         tokio::spawn(async move {
-            let client = connector;
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(Duration::from_secs(1)))
                 .set_response_timeout(Some(timeout))
@@ -107,12 +101,12 @@ impl SharedTier {
                 .set_max_delay(Duration::from_secs(2));
             let mut wait = Duration::from_millis(100);
             loop {
-                match client
-                    .get_connection_manager_with_config(config.clone())
-                    .await
-                {
-                    Ok(m) => {
-                        let _ = slot.set(m);
+                match Backend::connect(&topology, config.clone(), timeout).await {
+                    Ok(backend) => {
+                        if let Backend::Sentinel(m) = &backend {
+                            m.watch();
+                        }
+                        let _ = slot.set(backend);
                         tracing::info!("redis cache tier connected");
                         return;
                     }
@@ -124,8 +118,7 @@ impl SharedTier {
                 }
             }
         });
-        Ok(SharedTier {
-            client,
+        SharedTier {
             conn,
             timeout,
             breaker: Arc::new(Breaker::new(BreakerSettings {
@@ -138,7 +131,7 @@ impl SharedTier {
                 half_open_probes: 1,
             })),
             metrics,
-        })
+        }
     }
 
     fn count(&self, result: &'static str) {
@@ -158,10 +151,9 @@ impl SharedTier {
             self.count("breaker_open");
             return None;
         };
-        let mut conn = conn.clone();
         let mut cmd = redis::cmd("GET");
         cmd.arg(key);
-        let get = cmd.query_async::<Option<Vec<u8>>>(&mut conn);
+        let get = conn.query::<Option<Vec<u8>>>(&cmd);
         match tokio::time::timeout(self.timeout, get).await {
             Ok(Ok(value)) => {
                 permit.finish(Outcome::Success { slow: false });
@@ -190,9 +182,9 @@ impl SharedTier {
         }
     }
 
-    /// Deletes the keys `matches` accepts (found with SCAN, so Redis is not
-    /// blocked) and publishes the invalidation to every replica. Returns
-    /// (keys deleted, published).
+    /// Deletes the keys `matches` accepts (found with SCAN on every master,
+    /// so Redis is not blocked) and publishes the invalidation to every
+    /// replica. Returns (keys deleted, published).
     pub(super) async fn invalidate(
         &self,
         pattern: &str,
@@ -202,62 +194,51 @@ impl SharedTier {
         let Some(conn) = self.conn.get() else {
             return (0, false);
         };
-        let mut conn = conn.clone();
         let mut deleted = 0;
-        let mut cursor: u64 = 0;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(500);
-            let Ok((next, keys)) = scan.query_async::<(u64, Vec<String>)>(&mut conn).await else {
-                break;
-            };
-            let doomed: Vec<&String> = keys.iter().filter(|k| matches(k)).collect();
-            if !doomed.is_empty() {
-                let mut del = redis::cmd("DEL");
-                del.arg(&doomed);
-                deleted += del.query_async::<u64>(&mut conn).await.unwrap_or(0);
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
+        for mut master in conn.masters().await {
+            deleted += scan_delete(&mut master, conn, pattern, &matches).await;
         }
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(INVALIDATIONS).arg(payload);
-        let published = publish.query_async::<u64>(&mut conn).await.is_ok();
+        let published = conn.query::<u64>(&publish).await.is_ok();
         (deleted, published)
     }
 
     /// Listens for invalidations from other replicas (reconnecting when the
-    /// connection drops) and hands each payload to `apply`.
+    /// connection drops, to the new master after a failover, or to the next
+    /// node of a cluster) and hands each payload to `apply`.
     pub(super) fn subscribe(&self, apply: impl Fn(String) + Send + Sync + 'static) {
-        let client = self.client.clone();
+        let conn = self.conn.clone();
         tokio::spawn(async move {
             use futures::StreamExt;
             let mut wait = Duration::from_millis(100);
+            let mut attempt = 0;
             loop {
-                match client.get_async_pubsub().await {
-                    Ok(mut pubsub) => {
-                        if pubsub.subscribe(INVALIDATIONS).await.is_ok() {
-                            wait = Duration::from_millis(100);
-                            let mut messages = pubsub.into_on_message();
-                            while let Some(msg) = messages.next().await {
-                                if let Ok(payload) = msg.get_payload::<String>() {
-                                    apply(payload);
+                let client = match conn.get() {
+                    Some(backend) => backend.pubsub_client(attempt).await,
+                    None => None,
+                };
+                attempt += 1;
+                if let Some(client) = client {
+                    match client.get_async_pubsub().await {
+                        Ok(mut pubsub) => {
+                            if pubsub.subscribe(INVALIDATIONS).await.is_ok() {
+                                wait = Duration::from_millis(100);
+                                let mut messages = pubsub.into_on_message();
+                                while let Some(msg) = messages.next().await {
+                                    if let Ok(payload) = msg.get_payload::<String>() {
+                                        apply(payload);
+                                    }
                                 }
                             }
                         }
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "invalidation subscriber: redis unavailable")
+                        Err(e) => {
+                            tracing::debug!(error = %e, "invalidation subscriber: redis unavailable")
+                        }
                     }
                 }
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(5));
+                wait = (wait * 2).min(Duration::from_secs(2));
             }
         });
     }
@@ -271,7 +252,7 @@ impl SharedTier {
             self.count("breaker_open");
             return;
         };
-        let mut conn = conn.clone();
+        let conn = conn.clone();
         let value = encode(entry);
         let px = (entry.ttl + entry.stale_ttl).as_millis().max(1);
         let timeout = self.timeout;
@@ -282,7 +263,7 @@ impl SharedTier {
                 .arg(value.as_ref())
                 .arg("PX")
                 .arg(u64::try_from(px).unwrap_or(u64::MAX));
-            let set = cmd.query_async::<()>(&mut conn);
+            let set = conn.query::<()>(&cmd);
             let result = match tokio::time::timeout(timeout, set).await {
                 Ok(Ok(())) => {
                     permit.finish(Outcome::Success { slow: false });
@@ -303,6 +284,40 @@ impl SharedTier {
                 .inc();
         });
     }
+}
+
+/// SCANs one master for `pattern` and deletes the keys `matches` accepts,
+/// one by one through `conn` (a cluster refuses a DEL of keys in several
+/// slots). Returns how many were deleted.
+async fn scan_delete(
+    master: &mut ScanTarget,
+    conn: &Backend,
+    pattern: &str,
+    matches: &impl Fn(&str) -> bool,
+) -> u64 {
+    let mut deleted = 0;
+    let mut cursor: u64 = 0;
+    loop {
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(500);
+        let Ok((next, keys)) = master.query::<(u64, Vec<String>)>(&scan).await else {
+            break;
+        };
+        for key in keys.iter().filter(|k| matches(k)) {
+            let mut del = redis::cmd("DEL");
+            del.arg(key);
+            deleted += conn.query::<u64>(&del).await.unwrap_or(0);
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    deleted
 }
 
 /// The result label of a failed Redis call. The connection's own response
