@@ -6,7 +6,6 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -19,38 +18,11 @@ use bfb::{
         },
     },
 };
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// `redis-server` on a free port, without persistence.
 async fn redis() -> (Child, SocketAddr) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-    let child = Command::new(&bin)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {bin} (make test installs it): {e}"));
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let until = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < until, "redis-server did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    (child, addr)
+    common::redis::server(&[]).await
 }
 
 async fn redis_keys(addr: SocketAddr) -> usize {

@@ -8,7 +8,10 @@
 //!   once when a call fails. Invalidations are received from the current
 //!   master, resubscribed after a failover.
 //! - **Cluster**: the redis crate's async `ClusterConnection` routes each
-//!   key to its master and follows slot moves and failovers. Invalidation
+//!   key to its master and follows slot moves (MOVED, ASK). A call that
+//!   fails (a master gone: timeouts, not MOVED) makes a fresh connection
+//!   from the configured nodes, at most every [`SENTINEL_POLL`], which reads
+//!   the slots anew after a failover. Invalidation
 //!   messages use plain PUBLISH, which a cluster broadcasts to every node, so
 //!   a subscriber on any one node hears every replica's messages (sharded
 //!   pub/sub would need the channel's slot owner and gains nothing for one
@@ -39,7 +42,16 @@ pub enum Backend {
     /// The master the sentinels name.
     Sentinel(Arc<SentinelMaster>),
     /// A cluster.
-    Cluster(ClusterConnection, Arc<Vec<String>>),
+    Cluster(Arc<Cluster>),
+}
+
+/// A cluster connection, replaced when calls fail.
+pub struct Cluster {
+    client: ClusterClient,
+    nodes: Vec<String>,
+    current: ArcSwap<ClusterConnection>,
+    /// A call failed: reconnect (reads the slots anew).
+    check: Notify,
 }
 
 /// The current master of a Sentinel-watched group.
@@ -75,7 +87,14 @@ impl Backend {
                     .retries(2)
                     .build()?;
                 let conn = client.get_async_connection().await?;
-                Ok(Backend::Cluster(conn, Arc::new(nodes.clone())))
+                let cluster = Arc::new(Cluster {
+                    client,
+                    nodes: nodes.clone(),
+                    current: ArcSwap::from_pointee(conn),
+                    check: Notify::new(),
+                });
+                cluster.watch();
+                Ok(Backend::Cluster(cluster))
             }
         }
     }
@@ -92,7 +111,14 @@ impl Backend {
                 }
                 result
             }
-            Backend::Cluster(c, _) => cmd.query_async(&mut c.clone()).await,
+            Backend::Cluster(c) => {
+                let mut conn = ClusterConnection::clone(&c.current.load());
+                let result = cmd.query_async(&mut conn).await;
+                if result.is_err() {
+                    c.check.notify_one();
+                }
+                result
+            }
         }
     }
 
@@ -102,10 +128,10 @@ impl Backend {
         match self {
             Backend::Single(c, _) => vec![ScanTarget::Manager(c.clone())],
             Backend::Sentinel(m) => vec![ScanTarget::Manager(m.current.load().1.clone())],
-            Backend::Cluster(c, _) => {
+            Backend::Cluster(c) => {
                 let nodes: RedisResult<String> = redis::cmd("CLUSTER")
                     .arg("NODES")
-                    .query_async(&mut c.clone())
+                    .query_async(&mut ClusterConnection::clone(&c.current.load()))
                     .await;
                 let mut out = Vec::new();
                 for addr in nodes.iter().flat_map(|n| cluster_masters(n)) {
@@ -133,8 +159,8 @@ impl Backend {
         match self {
             Backend::Single(_, client) => Some(client.clone()),
             Backend::Sentinel(m) => Client::open(m.current.load().0.as_str()).ok(),
-            Backend::Cluster(_, nodes) => {
-                let node = nodes.get(attempt % nodes.len().max(1))?;
+            Backend::Cluster(c) => {
+                let node = c.nodes.get(attempt % c.nodes.len().max(1))?;
                 Client::open(node.as_str()).ok()
             }
         }
@@ -175,6 +201,31 @@ fn cluster_masters(nodes: &str) -> Vec<String> {
             (is_master && !failing).then(|| addr.to_string())
         })
         .collect()
+}
+
+impl Cluster {
+    /// Reconnects after failed calls, for as long as the tier lives.
+    fn watch(self: &Arc<Self>) {
+        let c = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = c.check.notified() => {}
+                    () = tokio::time::sleep(SENTINEL_POLL * 10) => {}
+                }
+                // Only this task holds it: the tier is gone.
+                if Arc::strong_count(&c) == 1 {
+                    return;
+                }
+                match c.client.get_async_connection().await {
+                    Ok(conn) => c.current.store(Arc::new(conn)),
+                    Err(e) => tracing::debug!(error = %e, "cannot reconnect to the redis cluster"),
+                }
+                // At most one reconnect per interval, however many calls fail.
+                tokio::time::sleep(SENTINEL_POLL).await;
+            }
+        });
+    }
 }
 
 impl SentinelMaster {
