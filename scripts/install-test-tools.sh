@@ -6,7 +6,8 @@
 #     venv under .tools/;
 #   - promtool, from Debian's `prometheus` package, redis-server, from
 #     Debian's `redis-server` package, and dnsmasq (the discovery tests' DNS
-#     server), from Debian's `dnsmasq-base` (apt; needs root or sudo).
+#     server), from Debian's `dnsmasq-base`, and haproxy (the fleet test's
+#     load balancer), from Debian's `haproxy` (apt; needs root or sudo).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,7 @@ command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 # dnsmasq-base installs the binary only (no service that starts by itself).
 [ -x /usr/sbin/dnsmasq ] || command -v dnsmasq >/dev/null 2>&1 || missing+=(dnsmasq-base)
+[ -x /usr/sbin/haproxy ] || command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
@@ -49,6 +51,11 @@ for tool in promtool redis-server; do
     exit 1
   }
 done
+{ [ -x /usr/sbin/haproxy ] && /usr/sbin/haproxy -v >/dev/null 2>&1; } ||
+  haproxy -v >/dev/null 2>&1 || {
+  echo "haproxy did not install" >&2
+  exit 1
+}
 { [ -x /usr/sbin/dnsmasq ] && /usr/sbin/dnsmasq --version >/dev/null 2>&1; } ||
   dnsmasq --version >/dev/null 2>&1 || {
   echo "dnsmasq did not install" >&2

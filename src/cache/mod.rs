@@ -323,18 +323,32 @@ impl Cache {
         } else {
             key.clone()
         };
-        let (result, leader) = self
+        // The leader re-checks the in-process tier (a flight that finished
+        // between this caller's lookup and now has stored its answer) and
+        // stores its own answer before the flight ends, so no caller can
+        // fall between two flights and call the downstream again.
+        let fresh = policy.fresh;
+        let this = self.clone();
+        let store_key = key.clone();
+        let (result, _leader) = self
             .flights
             .run(&flight_key, || {
                 let call = live(deadline);
-                async move { call.await.map(|v| Bytes::from(v.encode_to_vec())) }
+                async move {
+                    if !fresh
+                        && let Some(e) = this.store.get(&store_key).await
+                        && e.age() < e.ttl
+                    {
+                        return Ok(e.bytes);
+                    }
+                    let bytes = call.await.map(|v| Bytes::from(v.encode_to_vec()))?;
+                    this.store(component, store_key, bytes.clone()).await;
+                    Ok(bytes)
+                }
             })
             .await;
         match result {
             Ok(bytes) => {
-                if leader {
-                    self.store(component, key, bytes.clone()).await;
-                }
                 let value = T::decode(bytes).map_err(|_| CallError::Failed(Reason::BadResponse))?;
                 Ok((value, Source::Live))
             }

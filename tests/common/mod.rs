@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod python;
 pub mod redis;
 pub mod tls;
 

@@ -1,0 +1,390 @@
+//! bfb as a fleet, with real parts: three `bfb serve` processes sharing one
+//! `redis-server`, behind HAProxy running `deploy/haproxy/haproxy.cfg`, a
+//! `bfb sim` process downstream, and steady load from a Python grpcio
+//! client (`tests/interop/load.py`). Scenarios: SIGTERM one replica (no
+//! call fails), `kill -9` one (a handful fail, routed around at once; the
+//! restarted replica serves warm entries from Redis), and coalescing across
+//! the fleet (500 identical cold calls make at most one downstream call per
+//! replica and component; none once the shared tier is warm).
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+
+use bfb::pb::bfb::sim::v1::{GetStatsRequest, sim_control_client::SimControlClient};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+/// One test at a time: each runs a whole fleet under load.
+static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+struct Fleet {
+    sim: SocketAddr,
+    _sim: Child,
+    _redis: Child,
+    redis: SocketAddr,
+    replicas: Vec<Option<Child>>,
+    addrs: Vec<SocketAddr>,
+    lb: SocketAddr,
+    _lb: Child,
+    dir: PathBuf,
+    stubs: PathBuf,
+}
+
+/// bfb's config for replica `i`: the example, on `addr`, downstreams at
+/// `sim`, the cache on with the shared tier at `redis`, a short drain.
+fn config(addr: SocketAddr, sim: SocketAddr, redis: SocketAddr) -> String {
+    common::example_on_port_0("127.0.0.1:0")
+        .replacen(
+            "\nlisten = \"127.0.0.1:0\"",
+            &format!("\nlisten = \"{addr}\""),
+            1,
+        )
+        .replace("http://127.0.0.1:50061", &format!("http://{sim}"))
+        .replace("[cache]\nenabled = false", "[cache]\nenabled = true")
+        .replace(
+            "# redis_url = \"redis://127.0.0.1:6379\"",
+            &format!("redis_url = \"redis://{redis}\""),
+        )
+        .replace("drain_delay = \"5s\"", "drain_delay = \"1s\"")
+        .replace("shutdown_grace = \"20s\"", "shutdown_grace = \"5s\"")
+}
+
+async fn replica(
+    dir: &Path,
+    i: usize,
+    addr: SocketAddr,
+    sim: SocketAddr,
+    redis: SocketAddr,
+) -> Child {
+    let path = dir.join(format!("bfb-{i}.toml"));
+    std::fs::write(&path, config(addr, sim, redis)).expect("config");
+    let (child, listening) =
+        common::spawn_bfb_process(&["serve".as_ref(), "--config".as_ref(), path.as_os_str()]).await;
+    assert_eq!(listening, addr);
+    child
+}
+
+async fn fleet() -> Fleet {
+    let dir = std::env::temp_dir().join(format!("bfb-fleet-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (sim_child, sim) = common::sim_process("127.0.0.1:0", &["--latency", "2ms"]).await;
+    let (redis_child, redis) = common::redis::server(&[]).await;
+    let ports = common::redis::free_ports(4);
+    let addrs: Vec<SocketAddr> = ports[..3]
+        .iter()
+        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+        .collect();
+    let mut replicas = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        replicas.push(Some(replica(&dir, i, *a, sim, redis).await));
+    }
+    let lb: SocketAddr = ([127, 0, 0, 1], ports[3]).into();
+    let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("haproxy");
+    let lb_child = Command::new(haproxy)
+        .args(["-db", "-f", "deploy/haproxy/haproxy.cfg"])
+        .env("BFB_LB_BIND", lb.to_string())
+        .env("BFB_LB_ERRORS", "deploy/haproxy")
+        .env("BFB_1", addrs[0].to_string())
+        .env("BFB_2", addrs[1].to_string())
+        .env("BFB_3", addrs[2].to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("haproxy (make test installs it)");
+    common::redis::eventually("haproxy to listen", 10, || async move {
+        tokio::net::TcpStream::connect(lb).await.is_ok()
+    })
+    .await;
+    let stubs = common::python::stubs("fleet").await;
+    Fleet {
+        sim,
+        _sim: sim_child,
+        _redis: redis_child,
+        redis,
+        replicas,
+        addrs,
+        lb,
+        _lb: lb_child,
+        dir,
+        stubs,
+    }
+}
+
+/// What the Python load client reported.
+#[derive(Debug, Default)]
+struct Report {
+    calls: u64,
+    failures: BTreeMap<String, u64>,
+    /// Unix ms of each failure.
+    failed_at: Vec<u64>,
+}
+
+/// The running load client; `until_progress` waits for its calls to reach
+/// a count (its own progress lines).
+struct Load {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    report: Report,
+}
+
+impl Fleet {
+    fn load(&self, target: SocketAddr, secs: f64, workers: u32, id: Option<&str>) -> Load {
+        let mut cmd = Command::new(common::python::python());
+        cmd.arg("tests/interop/load.py")
+            .arg(&self.stubs)
+            .arg(target.to_string())
+            .arg(secs.to_string())
+            .arg(workers.to_string());
+        if let Some(id) = id {
+            cmd.arg(id);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("python (make test installs it)");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        Load {
+            child,
+            lines,
+            report: Report::default(),
+        }
+    }
+
+    async fn sim_calls(&self) -> u64 {
+        let stats = SimControlClient::new(common::channel(self.sim).await)
+            .get_stats(GetStatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner();
+        stats.services.values().map(|s| s.calls).sum()
+    }
+
+    async fn profile_calls(&self) -> u64 {
+        SimControlClient::new(common::channel(self.sim).await)
+            .get_stats(GetStatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner()
+            .services["profile"]
+            .calls
+    }
+}
+
+impl Load {
+    fn read(&mut self, line: &str) -> Option<u64> {
+        let mut words = line.split_whitespace();
+        match words.next()? {
+            "progress" => words.next()?.parse().ok(),
+            "fail" => {
+                self.report.failed_at.push(words.next()?.parse().ok()?);
+                None
+            }
+            "summary" => {
+                let v: serde_json::Value =
+                    serde_json::from_str(line.strip_prefix("summary ")?).ok()?;
+                self.report.calls = v["calls"].as_u64()?;
+                for (k, n) in v["failures"].as_object()? {
+                    self.report.failures.insert(k.clone(), n.as_u64()?);
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    async fn until_progress(&mut self, calls: u64) {
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = tokio::time::timeout_at(until, self.lines.next_line())
+                .await
+                .expect("the load made no progress")
+                .expect("read")
+                .expect("the load ended early");
+            if self.read(&line).is_some_and(|n| n >= calls) {
+                return;
+            }
+        }
+    }
+
+    async fn finish(mut self) -> Report {
+        while let Ok(Some(line)) = self.lines.next_line().await {
+            self.read(&line);
+        }
+        let status = self.child.wait().await.expect("wait");
+        assert!(status.success(), "the load client failed");
+        assert!(self.report.calls > 0, "no summary");
+        self.report
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_drained_with_sigterm_fails_no_call() {
+    let _one = ONE.lock().await;
+    let mut f = fleet().await;
+    let mut load = f.load(f.lb, 6.0, 8, None);
+    load.until_progress(500).await;
+    let mut victim = f.replicas[0].take().expect("replica");
+    common::signal(victim.id().expect("pid"), "TERM");
+    let exited = tokio::time::timeout(Duration::from_secs(15), victim.wait())
+        .await
+        .expect("drained in time")
+        .expect("wait");
+    assert!(exited.success(), "exit 0 after draining");
+    let report = load.finish().await;
+    eprintln!("SIGTERM under load: {report:?}");
+    assert!(report.calls > 1_000, "{report:?}");
+    assert!(
+        report.failures.is_empty(),
+        "calls failed during the drain: {report:?}"
+    );
+    let _ = std::fs::remove_dir_all(&f.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replica_costs_a_handful_of_calls_and_restarts_warm() {
+    let _one = ONE.lock().await;
+    let mut f = fleet().await;
+    let workers = 8;
+    let mut load = f.load(f.lb, 6.0, workers, None);
+    load.until_progress(1_000).await;
+    let mut victim = f.replicas[1].take().expect("replica");
+    let killed_at = now_ms();
+    victim.start_kill().expect("kill -9");
+    let _ = victim.wait().await;
+    let report = load.finish().await;
+    eprintln!("kill -9 under load at {killed_at}: {report:?}");
+    let failed: u64 = report.failures.values().sum();
+    // Only calls in flight on it fail: at most one per worker.
+    assert!(failed <= u64::from(workers), "{report:?}");
+    assert!(
+        report.failures.keys().all(|c| c == "UNAVAILABLE"),
+        "{report:?}"
+    );
+    // ... and only around the kill: routed around within two seconds.
+    for at in &report.failed_at {
+        assert!(
+            *at + 100 >= killed_at && *at <= killed_at + 2_000,
+            "a failure {} ms after the kill: {report:?}",
+            at.saturating_sub(killed_at)
+        );
+    }
+
+    // Restarted on its address, it serves what the fleet cached from Redis:
+    // the load's 500 customers, without calling the downstreams.
+    let addr = f.addrs[1];
+    f.replicas[1] = Some(replica(&f.dir, 1, addr, f.sim, f.redis).await);
+    let before = f.sim_calls().await;
+    let warm = f.load(addr, 1.0, 2, Some("c-7")).finish().await;
+    assert!(warm.failures.is_empty() && warm.calls > 0, "{warm:?}");
+    assert_eq!(
+        f.sim_calls().await,
+        before,
+        "the restarted replica was cold"
+    );
+    let _ = std::fs::remove_dir_all(&f.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_cold_calls_coalesce_across_the_fleet() {
+    let _one = ONE.lock().await;
+    let f = fleet().await;
+    // 500 identical calls for one customer nobody has fetched, spread over
+    // the three replicas by HAProxy, 50 at a time.
+    let before = f.profile_calls().await;
+    let mut clients = Vec::new();
+    for _ in 0..50 {
+        clients.push(bfb::pb::bfb::customer::v1::customer_aggregate_service_client::CustomerAggregateServiceClient::new(
+            common::channel(f.lb).await,
+        ));
+    }
+    let burst = |id: &'static str| {
+        let clients = clients.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for i in 0..500 {
+                let mut c = clients[i % clients.len()].clone();
+                tasks.push(tokio::spawn(async move {
+                    c.get_customer(bfb::pb::bfb::customer::v1::GetCustomerRequest {
+                        customer_id: id.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop)
+                }));
+            }
+            for t in tasks {
+                t.await.expect("task").expect("call");
+            }
+        }
+    };
+    burst("c-4242").await;
+    let cold = f.profile_calls().await - before;
+    assert!(
+        (1..=3).contains(&cold),
+        "{cold} profile calls for 500 identical cold calls over 3 replicas"
+    );
+    // Warm in the shared tier (written by whoever fetched it): a customer
+    // fetched through one replica only is served by all three from Redis.
+    let first = f.addrs[0];
+    let mut one = bfb::pb::bfb::customer::v1::customer_aggregate_service_client::CustomerAggregateServiceClient::new(
+        common::channel(first).await,
+    );
+    // The replica connects to Redis in the background: an answer cached
+    // before that stays in-process, so each attempt takes a new id.
+    let redis = f.redis;
+    let mut n = 4_343;
+    common::redis::eventually("an entry in Redis", 10, || {
+        n += 1;
+        let (mut one, id) = (one.clone(), format!("c-{n}"));
+        async move {
+            one.get_customer(bfb::pb::bfb::customer::v1::GetCustomerRequest {
+                customer_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("call");
+            for _ in 0..20 {
+                let keys = common::redis::query::<Vec<String>>(
+                    redis,
+                    redis::cmd("KEYS").arg(format!("*|{id}|*")),
+                )
+                .await;
+                if keys.is_ok_and(|k| k.len() >= 4) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        }
+    })
+    .await;
+    let warm: &'static str = format!("c-{n}").leak();
+    let before = f.sim_calls().await;
+    burst(warm).await;
+    assert_eq!(
+        f.sim_calls().await,
+        before,
+        "500 calls over a warm shared tier called a downstream"
+    );
+    let _ = std::fs::remove_dir_all(&f.dir);
+}
