@@ -323,11 +323,11 @@ impl Cache {
         } else {
             key.clone()
         };
-        // The leader re-checks the in-process tier (a flight that finished
-        // between this caller's lookup and now has stored its answer) and
-        // stores its own answer before the flight ends, so no caller can
-        // fall between two flights and call the downstream again.
-        let fresh = policy.fresh;
+        // The leader re-checks the in-process tier for a fresh entry (stored
+        // since this caller looked, by a flight that finished in between or
+        // from another replica through Redis), and stores its own answer
+        // before its flight ends: no caller falls between two flights and
+        // calls the downstream again.
         let this = self.clone();
         let store_key = key.clone();
         let (result, _leader) = self
@@ -335,9 +335,10 @@ impl Cache {
             .run(&flight_key, || {
                 let call = live(deadline);
                 async move {
-                    if !fresh
+                    if !policy.fresh
                         && let Some(e) = this.store.get(&store_key).await
                         && e.age() < e.ttl
+                        && policy.max_staleness.is_none_or(|m| e.age() <= m)
                     {
                         return Ok(e.bytes);
                     }
