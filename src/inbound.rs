@@ -53,6 +53,8 @@ pub struct InboundLayer {
     /// Open health watches, shared by every listener's layer.
     watches: Arc<Semaphore>,
     watches_open: Gauge,
+    /// RPCs holding a permit, over every listener (the HPA's load signal).
+    in_flight: Gauge,
 }
 
 impl InboundLayer {
@@ -72,6 +74,15 @@ impl InboundLayer {
             max_request_bytes,
             watches: Arc::new(Semaphore::new(max_rpcs)),
             watches_open: Gauge::default(),
+            in_flight: Gauge::default(),
+        }
+    }
+
+    /// RPCs in flight are counted in `gauge`.
+    pub fn with_in_flight(self, gauge: Gauge) -> InboundLayer {
+        InboundLayer {
+            in_flight: gauge,
+            ..self
         }
     }
 
@@ -148,7 +159,7 @@ where
             None
         } else {
             match self.layer.permits.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
+                Ok(p) => Some((p, GaugeGuard::new(self.layer.in_flight.clone()))),
                 Err(_) => {
                     let shed = Error::Overloaded {
                         retry_after: self.layer.retry_after,

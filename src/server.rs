@@ -239,6 +239,7 @@ pub async fn serve(
             metrics.load_shed.clone(),
         )
         .with_watches(watches.clone(), metrics.health_watches.clone())
+        .with_in_flight(metrics.rpcs_in_flight.clone())
     };
     let connections = |listener: TcpListener, tls: Option<&ServerTls>| match tls {
         Some(tls) => Incoming::Tls(tls.incoming(listener, metrics.handshakes())),
@@ -282,9 +283,13 @@ pub async fn serve(
             stopped(stop_rx.clone()),
         ));
     }
+    // Readiness as the metrics port's GET /ready shows it (the gRPC health
+    // service's `readiness` carries the same state).
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(listener) = listeners.metrics {
         tokio::spawn(metrics::serve(
             metrics.clone(),
+            ready.clone(),
             listener,
             stopped(stop_rx.clone()),
         ));
@@ -317,6 +322,7 @@ pub async fn serve(
     health
         .set_service_status(READINESS, ServingStatus::Serving)
         .await;
+    ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(
         grpc = %addr_text(grpc_addr),
         metrics = %metrics::describe(metrics_addr),
@@ -326,6 +332,7 @@ pub async fn serve(
     let lifecycle = async {
         shutdown.await;
         tracing::info!(drain_delay = ?s.drain_delay, "shutdown requested: readiness NOT_SERVING, draining");
+        ready.store(false, std::sync::atomic::Ordering::Release);
         health
             .set_service_status(READINESS, ServingStatus::NotServing)
             .await;

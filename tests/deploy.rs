@@ -157,6 +157,55 @@ fn manifests_agree_with_the_config_and_the_server() {
 }
 
 #[test]
+fn the_fleet_spreads_scales_on_load_and_keeps_two_serving() {
+    let deploy = manifest("deployment.yaml");
+    let spread = at(&deploy, "spec.template.spec.topologySpreadConstraints")
+        .as_sequence()
+        .expect("topology spread");
+    let keys: Vec<&str> = spread
+        .iter()
+        .filter_map(|c| c["topologyKey"].as_str())
+        .collect();
+    assert!(keys.contains(&"topology.kubernetes.io/zone"), "{keys:?}");
+    assert!(keys.contains(&"kubernetes.io/hostname"), "{keys:?}");
+    let labels = at(&deploy, "spec.template.metadata.labels");
+    for c in spread {
+        assert_eq!(&c["labelSelector"]["matchLabels"], labels);
+    }
+    let pdb = manifest("pdb.yaml");
+    let hpa = manifest("hpa.yaml");
+    let min = at(&hpa, "spec.minReplicas").as_u64().expect("minReplicas");
+    let unavailable = at(&pdb, "spec.maxUnavailable").as_u64().expect("a count");
+    assert!(unavailable < min, "the PDB must leave replicas serving");
+    assert!(min >= 3, "a fleet: at least three replicas");
+    // The HPA's load metric is one bfb exports, and the adapter rule serves it.
+    let metrics = at(&hpa, "spec.metrics").as_sequence().expect("metrics");
+    let pods: Vec<&str> = metrics
+        .iter()
+        .filter_map(|m| m["pods"]["metric"]["name"].as_str())
+        .collect();
+    assert_eq!(pods, ["bfb_rpcs_in_flight"]);
+    let rules = manifest("prometheus-adapter-rules.yaml");
+    assert_eq!(
+        at(&rules, "rules.0.name.as").as_str(),
+        Some("bfb_rpcs_in_flight")
+    );
+    let exported = bfb::telemetry::metrics::Metrics::new().encode();
+    assert!(
+        exported.contains("# TYPE bfb_rpcs_in_flight gauge"),
+        "{exported}"
+    );
+    // The shared tier follows a Sentinel-managed Redis.
+    let cm = manifest("configmap.yaml");
+    let config = Config::parse(cm["data"]["bfb.toml"].as_str().expect("toml")).expect("config");
+    assert!(config.cache.enabled);
+    assert!(matches!(
+        config.cache.redis(),
+        Some(bfb::config::RedisTopology::Sentinel(_))
+    ));
+}
+
+#[test]
 fn the_downstream_example_is_a_headless_service_the_config_resolves() {
     let svc = manifest("downstream-headless-service.yaml");
     assert_eq!(svc["kind"].as_str(), Some("Service"));

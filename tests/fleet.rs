@@ -39,10 +39,11 @@ struct Fleet {
     stubs: PathBuf,
 }
 
-/// bfb's config for replica `i`: the example, on `addr`, downstreams at
-/// `sim`, the cache on with the shared tier at `redis`, a short drain.
+/// bfb's config for replica `i`: the example, on `addr` (its metrics and
+/// readiness on the next port), downstreams at `sim`, the cache on with the
+/// shared tier at `redis`, a short drain.
 fn config(addr: SocketAddr, sim: SocketAddr, redis: SocketAddr) -> String {
-    common::example_on_port_0("127.0.0.1:0")
+    common::example_on_port_0(&metrics_of(addr).to_string())
         .replacen(
             "\nlisten = \"127.0.0.1:0\"",
             &format!("\nlisten = \"{addr}\""),
@@ -56,9 +57,14 @@ fn config(addr: SocketAddr, sim: SocketAddr, redis: SocketAddr) -> String {
         )
         // Generous for a debug build taking 500 calls at once on two cores;
         // past it the tier is skipped (fail-open), by design.
-        .replace("redis_timeout = \"20ms\"", "redis_timeout = \"250ms\"")
+        .replace("redis_timeout = \"20ms\"", "redis_timeout = \"1s\"")
         .replace("drain_delay = \"5s\"", "drain_delay = \"1s\"")
         .replace("shutdown_grace = \"20s\"", "shutdown_grace = \"5s\"")
+}
+
+/// Replica `addr`'s metrics port: the port after its gRPC port.
+fn metrics_of(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], addr.port() + 1))
 }
 
 async fn replica(
@@ -81,11 +87,24 @@ async fn fleet() -> Fleet {
     std::fs::create_dir_all(&dir).expect("dir");
     let (sim_child, sim) = common::sim_process("127.0.0.1:0", &["--latency", "2ms"]).await;
     let (redis_child, redis) = common::redis::server(&[]).await;
-    let ports = common::redis::free_ports(4);
-    let addrs: Vec<SocketAddr> = ports[..3]
-        .iter()
-        .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-        .collect();
+    // Each replica on a free port whose next port is free too (metrics),
+    // below Linux's ephemeral range (32768 and up): a replica restarted on
+    // its port must not find it taken by some outgoing connection, such as
+    // HAProxy's own.
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    while addrs.len() < 3 {
+        let p = rand::random_range(20_000..32_000u16);
+        let pair = (
+            std::net::TcpListener::bind(("127.0.0.1", p)),
+            std::net::TcpListener::bind(("127.0.0.1", p + 1)),
+        );
+        if let (Ok(_), Ok(_)) = pair
+            && !addrs.iter().any(|a| a.port().abs_diff(p) < 2)
+        {
+            addrs.push(([127, 0, 0, 1], p).into());
+        }
+    }
+    let lb_port = common::redis::free_port();
     let mut replicas = Vec::new();
     for (i, a) in addrs.iter().enumerate() {
         replicas.push(Some(replica(&dir, i, *a, sim, redis).await));
@@ -98,7 +117,7 @@ async fn fleet() -> Fleet {
             .is_ok_and(|l| l.lines().filter(|c| c.contains("cmd=subscribe")).count() >= 3)
     })
     .await;
-    let lb: SocketAddr = ([127, 0, 0, 1], ports[3]).into();
+    let lb: SocketAddr = ([127, 0, 0, 1], lb_port).into();
     let haproxy = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
         .into_iter()
         .find(|p| Path::new(p).exists())
@@ -110,6 +129,9 @@ async fn fleet() -> Fleet {
         .env("BFB_1", addrs[0].to_string())
         .env("BFB_2", addrs[1].to_string())
         .env("BFB_3", addrs[2].to_string())
+        .env("BFB_1_METRICS", metrics_of(addrs[0]).port().to_string())
+        .env("BFB_2_METRICS", metrics_of(addrs[1]).port().to_string())
+        .env("BFB_3_METRICS", metrics_of(addrs[2]).port().to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -141,6 +163,8 @@ struct Report {
     failures: BTreeMap<String, u64>,
     /// Unix ms of each failure.
     failed_at: Vec<u64>,
+    /// The failure lines as printed (code and details).
+    lines: Vec<String>,
 }
 
 /// The running load client; `until_progress` waits for its calls to reach
@@ -201,6 +225,7 @@ impl Load {
         match words.next()? {
             "progress" => words.next()?.parse().ok(),
             "fail" => {
+                self.report.lines.push(line.to_string());
                 self.report.failed_at.push(words.next()?.parse().ok()?);
                 None
             }

@@ -212,6 +212,8 @@ pub struct Metrics {
     pub handshakes_in_progress: Gauge,
     /// Open `grpc.health.v1.Health/Watch` streams, over all listeners.
     pub health_watches: Gauge,
+    /// Inbound RPCs in flight (health checks excepted), over all listeners.
+    pub rpcs_in_flight: Gauge,
     /// Endpoints of each balancer by state.
     pub endpoints: Family<EndpointStateLabels, Gauge>,
     /// HTTP/2 connections of each balancer.
@@ -254,6 +256,7 @@ impl Metrics {
             handshakes_dropped: Family::default(),
             handshakes_in_progress: Gauge::default(),
             health_watches: Gauge::default(),
+            rpcs_in_flight: Gauge::default(),
             endpoints: Family::default(),
             endpoint_connections: Family::default(),
             endpoint_ejections: Family::default(),
@@ -352,6 +355,11 @@ impl Metrics {
             "bfb_health_watches",
             "Open health Watch streams (capped by server.max_health_watches)",
             m.health_watches.clone(),
+        );
+        r.register(
+            "bfb_rpcs_in_flight",
+            "Inbound RPCs in flight, health checks excepted (capped by server.max_concurrent_rpcs per listener)",
+            m.rpcs_in_flight.clone(),
         );
         r.register(
             "bfb_endpoints",
@@ -612,13 +620,27 @@ impl Drop for GaugeGuard {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
+/// Serves `GET /metrics`, and `GET /ready` (200 while `ready` holds, 503
+/// otherwise: readiness for load balancers that check over HTTP/1, such as
+/// HAProxy, which cannot send a gRPC health check), on `listener` until
+/// `shutdown` completes.
 pub async fn serve(
     metrics: Arc<Metrics>,
+    ready: Arc<std::sync::atomic::AtomicBool>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new().route(
+    let readiness = get(move || {
+        let serving = ready.load(std::sync::atomic::Ordering::Acquire);
+        async move {
+            if serving {
+                (axum::http::StatusCode::OK, "ready\n")
+            } else {
+                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+    });
+    let app = Router::new().route("/ready", readiness).route(
         "/metrics",
         get(move || {
             let metrics = metrics.clone();

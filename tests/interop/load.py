@@ -4,7 +4,8 @@ tests/fleet.rs: `load.py STUBS TARGET SECONDS WORKERS [ID]`.
 Each worker calls GetCustomer in a loop (ids c-1..c-500, or only ID when
 given) with a 2 s deadline. Prints `progress N` after every 100 calls and
 `fail UNIX_MS CODE` for each failed call, then one `summary JSON` line with
-the calls made and the failures by code.
+the calls made and the failures by code. A failure line ends with
+grpcio's details, for the test's report.
 """
 import json
 import sys
@@ -37,7 +38,8 @@ def worker(n):
             code = e.code().name
             with lock:
                 failures[code] = failures.get(code, 0) + 1
-                print(f"fail {int(time.time() * 1000)} {code}", flush=True)
+                details = (e.details() or "").replace("\n", " ")
+                print(f"fail {int(time.time() * 1000)} {code} {details}", flush=True)
         with lock:
             calls += 1
             if calls % 100 == 0:
