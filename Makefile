@@ -28,6 +28,7 @@ bench:
 	cargo bench --locked --bench hedge
 	cargo bench --locked --bench batch
 	cargo bench --locked --bench balance
+	cargo bench --locked --bench memory
 
 ## The release binary, built exactly as the Dockerfile builds it.
 release:

@@ -214,10 +214,12 @@ impl SharedTier {
             let mut wait = Duration::from_millis(100);
             let mut attempt = 0;
             loop {
-                let client = match conn.get() {
-                    Some(backend) => backend.pubsub_client(attempt).await,
-                    None => None,
+                let Some(backend) = conn.get() else {
+                    // Not connected yet: subscribe as soon as it is.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
                 };
+                let client = backend.pubsub_client(attempt).await;
                 attempt += 1;
                 if let Some(client) = client {
                     match client.get_async_pubsub().await {
