@@ -146,14 +146,8 @@ fn spread(mut v: Vec<f64>) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> Result<(), Boxed> {
-    let secs: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let secs: f64 = common::env_or("BENCH_SECS", 3.0);
+    let rounds: usize = common::env_or("BENCH_ROUNDS", 5);
     let mut sims = Vec::new();
     let mut addrs = Vec::new();
     for _ in 0..3 {

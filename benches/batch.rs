@@ -61,10 +61,7 @@ fn status_kib(child: &Child, field: &str) -> Option<u64> {
 
 #[tokio::main]
 async fn main() -> Result<(), Boxed> {
-    let sets: u64 = std::env::var("BENCH_SETS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+    let sets: u64 = common::env_or("BENCH_SETS", 30);
     let (_sim, bfb, sim_addr, bfb_addr) = start("1ms").await?;
     let ch = channel(bfb_addr).await?;
     let mut sim = SimControlClient::new(channel(sim_addr).await?);

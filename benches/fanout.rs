@@ -127,10 +127,7 @@ fn row(name: &str, h: &Histogram<u64>) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Boxed> {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let secs: u64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
+    let secs: u64 = common::env_or("BENCH_SECS", 5);
     println!(
         "bfb fan-out bench (sim and bfb pinned to core 1 when taskset exists; client on this thread)"
     );

@@ -17,10 +17,7 @@ use common::{Boxed, channel, row, sequential, start_bfb, start_sim};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Boxed> {
-    let calls: u64 = std::env::var("BENCH_HEDGE_CALLS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2000);
+    let calls: u64 = common::env_or("BENCH_HEDGE_CALLS", 2000);
     let (_sim, sim) = start_sim("1ms").await?;
     let (_plain, plain) = start_bfb(sim, "plain", |c| c).await?;
     const OFF: &str = "enabled = false\npercentile = 0.95";

@@ -76,7 +76,9 @@ async fn per_call(bfb: &Child, addr: SocketAddr, sim: SocketAddr, n: u64) -> Res
             break;
         }
         if tokio::time::Instant::now() > until {
-            return Err(format!("only {seen} of {} downstream calls reached the sim", 4 * n).into());
+            return Err(
+                format!("only {seen} of {} downstream calls reached the sim", 4 * n).into(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -146,10 +148,7 @@ async fn redis_commands(redis: SocketAddr) -> Result<u64, Boxed> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> Result<(), Boxed> {
-    let big: u64 = std::env::var("BENCH_INFLIGHT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2_000);
+    let big: u64 = common::env_or("BENCH_INFLIGHT", 2_000);
     let (_sim, sim) = start_sim("3s").await?;
     let (bfb, addr) = start_bfb(sim, "memory", |c| {
         c.replace("max_concurrency = 100", "max_concurrency = 20000")

@@ -267,6 +267,19 @@ impl Load {
     }
 }
 
+/// The HTTP status of `GET /ready` on `addr` (bfb's metrics port), if it
+/// answers.
+async fn ready_status(addr: SocketAddr) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /ready HTTP/1.0\r\nHost: bfb\r\n\r\n")
+        .await
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.ok()?;
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -280,7 +293,18 @@ async fn a_replica_drained_with_sigterm_fails_no_call() {
     let mut load = f.load(f.lb, 6.0, 8, None);
     load.until_progress(500).await;
     let mut victim = f.replicas[0].take().expect("replica");
+    let ready = metrics_of(f.addrs[0]);
+    assert_eq!(ready_status(ready).await, Some(200), "ready before");
     common::signal(victim.id().expect("pid"), "TERM");
+    // Readiness for the load balancer turns 503 at once (within the drain).
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while ready_status(ready).await != Some(503) {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "GET /ready never said 503"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let exited = tokio::time::timeout(Duration::from_secs(15), victim.wait())
         .await
         .expect("drained in time")

@@ -48,6 +48,14 @@ pub async fn spawn(args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
     Ok((child, addr))
 }
 
+/// The number in environment variable `name` (a bench's knob), or `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Starts `bfb sim` with every service at `latency`.
 pub async fn start_sim(latency: &str) -> Result<(Child, SocketAddr), Boxed> {
     spawn(&["sim", "--listen", "127.0.0.1:0", "--latency", latency]).await
