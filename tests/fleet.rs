@@ -26,11 +26,46 @@ use tokio::{
 /// One test at a time: each runs a whole fleet under load.
 static ONE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The Redis the replicas share.
+#[derive(Clone)]
+enum Shared {
+    /// One server.
+    Server(SocketAddr),
+    /// A master behind these sentinels.
+    Sentinel(Vec<String>),
+    /// A cluster, from these nodes.
+    Cluster(Vec<String>),
+}
+
+impl Shared {
+    /// The `[cache]` line naming it.
+    fn toml(&self) -> String {
+        let list = |v: &[String]| {
+            v.iter()
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            Shared::Server(a) => format!("redis_url = \"redis://{a}\""),
+            Shared::Sentinel(s) => {
+                format!(
+                    "redis_sentinel = {{ master = \"bfb\", sentinels = [{}] }}",
+                    list(s)
+                )
+            }
+            Shared::Cluster(n) => format!("redis_cluster = [{}]", list(n)),
+        }
+    }
+}
+
 struct Fleet {
     sim: SocketAddr,
     _sim: Child,
-    _redis: Child,
+    _redis: Option<Child>,
+    /// The single server, in `Shared::Server` mode.
     redis: SocketAddr,
+    shared: Shared,
     replicas: Vec<Option<Child>>,
     addrs: Vec<SocketAddr>,
     lb: SocketAddr,
@@ -42,7 +77,7 @@ struct Fleet {
 /// bfb's config for replica `i`: the example, on `addr` (its metrics and
 /// readiness on the next port), downstreams at `sim`, the cache on with the
 /// shared tier at `redis`, a short drain.
-fn config(addr: SocketAddr, sim: SocketAddr, redis: SocketAddr) -> String {
+fn config(addr: SocketAddr, sim: SocketAddr, shared: &Shared) -> String {
     common::example_on_port_0(&metrics_of(addr).to_string())
         .replacen(
             "\nlisten = \"127.0.0.1:0\"",
@@ -51,10 +86,7 @@ fn config(addr: SocketAddr, sim: SocketAddr, redis: SocketAddr) -> String {
         )
         .replace("http://127.0.0.1:50061", &format!("http://{sim}"))
         .replace("[cache]\nenabled = false", "[cache]\nenabled = true")
-        .replace(
-            "# redis_url = \"redis://127.0.0.1:6379\"",
-            &format!("redis_url = \"redis://{redis}\""),
-        )
+        .replace("# redis_url = \"redis://127.0.0.1:6379\"", &shared.toml())
         // Generous for a debug build taking 500 calls at once on two cores;
         // past it the tier is skipped (fail-open), by design.
         .replace("redis_timeout = \"20ms\"", "redis_timeout = \"1s\"")
@@ -72,21 +104,29 @@ async fn replica(
     i: usize,
     addr: SocketAddr,
     sim: SocketAddr,
-    redis: SocketAddr,
+    shared: &Shared,
 ) -> Child {
     let path = dir.join(format!("bfb-{i}.toml"));
-    std::fs::write(&path, config(addr, sim, redis)).expect("config");
+    std::fs::write(&path, config(addr, sim, shared)).expect("config");
     let (child, listening) =
         common::spawn_bfb_process(&["serve".as_ref(), "--config".as_ref(), path.as_os_str()]).await;
     assert_eq!(listening, addr);
     child
 }
 
+/// A fleet sharing one `redis-server`.
 async fn fleet() -> Fleet {
+    let (redis_child, redis) = common::redis::server(&[]).await;
+    fleet_on(Shared::Server(redis), vec![redis], Some(redis_child)).await
+}
+
+/// A fleet sharing `shared`, whose nodes are `nodes` (where the replicas'
+/// invalidation subscribers show).
+async fn fleet_on(shared: Shared, nodes: Vec<SocketAddr>, redis_child: Option<Child>) -> Fleet {
     let dir = std::env::temp_dir().join(format!("bfb-fleet-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let (sim_child, sim) = common::sim_process("127.0.0.1:0", &["--latency", "2ms"]).await;
-    let (redis_child, redis) = common::redis::server(&[]).await;
+    let redis = nodes[0];
     // Each replica on a free port whose next port is free too (metrics),
     // below Linux's ephemeral range (32768 and up): a replica restarted on
     // its port must not find it taken by some outgoing connection, such as
@@ -107,14 +147,23 @@ async fn fleet() -> Fleet {
     let lb_port = common::redis::free_port();
     let mut replicas = Vec::new();
     for (i, a) in addrs.iter().enumerate() {
-        replicas.push(Some(replica(&dir, i, *a, sim, redis).await));
+        replicas.push(Some(replica(&dir, i, *a, sim, &shared).await));
     }
     // Every replica has connected to Redis (a command connection and an
     // invalidation subscriber each), or its first answers stay in-process.
-    common::redis::eventually("the replicas to connect to Redis", 10, || async move {
-        common::redis::query::<String>(redis, redis::cmd("CLIENT").arg("LIST"))
-            .await
-            .is_ok_and(|l| l.lines().filter(|c| c.contains("cmd=subscribe")).count() >= 3)
+    common::redis::eventually("the replicas to connect to Redis", 20, || {
+        let nodes = nodes.clone();
+        async move {
+            let mut subscribed = 0;
+            for n in nodes {
+                if let Ok(l) =
+                    common::redis::query::<String>(n, redis::cmd("CLIENT").arg("LIST")).await
+                {
+                    subscribed += l.lines().filter(|c| c.contains("cmd=subscribe")).count();
+                }
+            }
+            subscribed >= 3
+        }
     })
     .await;
     let lb: SocketAddr = ([127, 0, 0, 1], lb_port).into();
@@ -147,6 +196,7 @@ async fn fleet() -> Fleet {
         _sim: sim_child,
         _redis: redis_child,
         redis,
+        shared,
         replicas,
         addrs,
         lb,
@@ -352,7 +402,7 @@ async fn a_killed_replica_costs_a_handful_of_calls_and_restarts_warm() {
     // Restarted on its address, it serves what the fleet cached from Redis:
     // the load's 500 customers, without calling the downstreams.
     let addr = f.addrs[1];
-    f.replicas[1] = Some(replica(&f.dir, 1, addr, f.sim, f.redis).await);
+    f.replicas[1] = Some(replica(&f.dir, 1, addr, f.sim, &f.shared).await);
     let before = f.sim_calls().await;
     let warm = f.load(addr, 1.0, 2, Some("c-7")).finish().await;
     assert!(warm.failures.is_empty() && warm.calls > 0, "{warm:?}");
@@ -446,5 +496,49 @@ async fn identical_cold_calls_coalesce_across_the_fleet() {
         before,
         "500 calls over a warm shared tier called a downstream"
     );
+    let _ = std::fs::remove_dir_all(&f.dir);
+}
+
+/// Steady load through HAProxy while `fail` takes a Redis master down:
+/// no call fails.
+async fn no_call_fails_while(f: &Fleet, fail: impl std::future::Future<Output = ()>) -> Report {
+    let mut load = f.load(f.lb, 8.0, 8, None);
+    load.until_progress(500).await;
+    fail.await;
+    let report = load.finish().await;
+    assert!(report.calls > 1_000, "{report:?}");
+    assert!(report.failures.is_empty(), "calls failed: {report:?}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_rides_out_a_sentinel_failover() {
+    let _one = ONE.lock().await;
+    let mut group = common::redis::sentinel_group().await;
+    let nodes = vec![group.master.1, group.replica.1];
+    let f = fleet_on(Shared::Sentinel(group.urls()), nodes, None).await;
+    let report = no_call_fails_while(&f, async {
+        group.master.0.start_kill().expect("kill -9 the master");
+        group.until_promoted().await;
+    })
+    .await;
+    eprintln!("Sentinel failover under fleet load: {report:?}");
+    let _ = std::fs::remove_dir_all(&f.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_rides_out_a_cluster_master_loss() {
+    let _one = ONE.lock().await;
+    let mut cluster = common::redis::cluster().await;
+    let masters = cluster.masters();
+    let urls = masters.iter().map(|a| format!("redis://{a}")).collect();
+    let nodes = cluster.nodes.iter().map(|(_, a)| *a).collect();
+    let f = fleet_on(Shared::Cluster(urls), nodes, None).await;
+    let report = no_call_fails_while(&f, async {
+        cluster.nodes[1].0.start_kill().expect("kill -9 a master");
+        cluster.until_failed_over(masters[0]).await;
+    })
+    .await;
+    eprintln!("Cluster master loss under fleet load: {report:?}");
     let _ = std::fs::remove_dir_all(&f.dir);
 }

@@ -18,8 +18,7 @@ use bfb::{
         },
     },
 };
-use common::redis::{eventually, free_ports, query, server_on};
-use tokio::process::Child;
+use common::redis::{cluster, eventually, query, sentinel_group};
 use tonic::transport::Channel;
 
 type Client = CustomerAggregateServiceClient<Channel>;
@@ -178,52 +177,9 @@ impl Pair {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_loses_no_call_and_sharing_resumes() {
     let _one = ONE.lock().await;
-    let ports = free_ports(5);
-    let (master, maddr) = server_on(ports[0], &["--repl-diskless-sync-delay", "0"]).await;
-    let (mut master, maddr) = (master, maddr);
-    let (_replica, raddr) = server_on(
-        ports[1],
-        &["--replicaof", "127.0.0.1", &ports[0].to_string()],
-    )
-    .await;
-    eventually("the replica to sync", 30, || async move {
-        query::<String>(raddr, redis::cmd("INFO").arg("replication"))
-            .await
-            .is_ok_and(|i| i.contains("master_link_status:up"))
-    })
-    .await;
-    let dir = std::env::temp_dir().join(format!("bfb-sentinel-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let mut sentinels: Vec<(Child, SocketAddr)> = Vec::new();
-    for (i, &port) in ports[2..].iter().enumerate() {
-        let conf = dir.join(format!("sentinel-{i}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "sentinel monitor bfb 127.0.0.1 {} 2\n\
-                 sentinel down-after-milliseconds bfb 1000\n\
-                 sentinel failover-timeout bfb 5000\n\
-                 sentinel parallel-syncs bfb 1\n",
-                maddr.port()
-            ),
-        )
-        .expect("sentinel conf");
-        let conf = conf.to_string_lossy().into_owned();
-        sentinels.push(server_on(port, &[&conf, "--sentinel"]).await);
-    }
-    // The sentinels have found the replica (needed for a failover).
-    let s0 = sentinels[0].1;
-    eventually("the sentinels to see the replica", 30, || async move {
-        query::<Vec<redis::Value>>(s0, redis::cmd("SENTINEL").arg("REPLICAS").arg("bfb"))
-            .await
-            .is_ok_and(|r| !r.is_empty())
-    })
-    .await;
-
-    let urls: Vec<String> = sentinels
-        .iter()
-        .map(|(_, a)| format!("redis://{a}"))
-        .collect();
+    let mut group = sentinel_group().await;
+    let (maddr, raddr) = (group.master.1, group.replica.1);
+    let urls = group.urls();
     let mut p = pair(move |c: &mut Config| {
         c.cache.redis_sentinel = Some(RedisSentinel {
             master: "bfb".into(),
@@ -243,18 +199,8 @@ async fn sentinel_failover_loses_no_call_and_sharing_resumes() {
     // Kill the master under load: no call fails.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = steady_load([p.ca.clone(), p.cb.clone()], stop.clone());
-    master.start_kill().expect("kill -9 the master");
-    eventually("the sentinels to promote the replica", 30, || async move {
-        query::<Vec<String>>(
-            s0,
-            redis::cmd("SENTINEL")
-                .arg("GET-MASTER-ADDR-BY-NAME")
-                .arg("bfb"),
-        )
-        .await
-        .is_ok_and(|a| a.get(1) == Some(&raddr.port().to_string()))
-    })
-    .await;
+    group.master.0.start_kill().expect("kill -9 the master");
+    group.until_promoted().await;
     // Sharing resumes on the new master, invalidations too.
     let n = p.until_sharing(n + 1_000).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -267,76 +213,13 @@ async fn sentinel_failover_loses_no_call_and_sharing_resumes() {
     })
     .await;
     p.invalidation_reaches_b(&id).await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_spreads_keys_and_survives_a_master_loss() {
-    let dir = std::env::temp_dir().join(format!("bfb-cluster-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
     let _one = ONE.lock().await;
-    let mut nodes: Vec<(Child, SocketAddr)> = Vec::new();
-    // Data ports and cluster bus ports (by default port + 10000, which may
-    // be taken or past 65535 for a random port).
-    let ports = free_ports(12);
-    for (port, bus) in ports[..6].iter().zip(&ports[6..]) {
-        let conf = dir.join(format!("nodes-{port}.conf"));
-        let conf = conf.to_string_lossy().into_owned();
-        nodes.push(
-            server_on(
-                *port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus.to_string(),
-                    "--cluster-config-file",
-                    &conf,
-                    "--cluster-node-timeout",
-                    "1000",
-                    // Sync replicas at once (Redis waits 5 s by default to
-                    // batch them): an unsynced replica never takes over.
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ],
-            )
-            .await,
-        );
-    }
-    let addrs: Vec<String> = nodes.iter().map(|(_, a)| a.to_string()).collect();
-    let created = tokio::process::Command::new("redis-cli")
-        .args(["--cluster", "create"])
-        .args(&addrs)
-        .args(["--cluster-replicas", "1", "--cluster-yes"])
-        .output()
-        .await
-        .expect("redis-cli (make test installs it)");
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stdout)
-    );
-    for (_, a) in &nodes {
-        let a = *a;
-        eventually("the cluster to be ready", 30, || async move {
-            query::<String>(a, redis::cmd("CLUSTER").arg("INFO"))
-                .await
-                .is_ok_and(|i| i.contains("cluster_state:ok"))
-        })
-        .await;
-    }
-    // Every replica has synced with its master (else it cannot take over).
-    for (_, a) in &nodes {
-        let a = *a;
-        eventually("the replicas to sync", 30, || async move {
-            query::<String>(a, redis::cmd("INFO").arg("replication"))
-                .await
-                .is_ok_and(|i| i.contains("role:master") || i.contains("master_link_status:up"))
-        })
-        .await;
-    }
-    // redis-cli makes the first three masters.
-    let masters: Vec<SocketAddr> = nodes[..3].iter().map(|(_, a)| *a).collect();
+    let mut cluster = cluster().await;
+    let masters = cluster.masters();
     let urls: Vec<String> = masters.iter().map(|a| format!("redis://{a}")).collect();
     let mut p = pair(move |c: &mut Config| c.cache.redis_cluster = Some(urls.clone())).await;
     let n = p.until_sharing(100).await;
@@ -357,7 +240,7 @@ async fn cluster_spreads_keys_and_survives_a_master_loss() {
     // Invalidation finds the entity's keys on whichever masters hold them,
     // and the message reaches B (each subscribes on some node: a cluster
     // broadcasts PUBLISH to all).
-    let all: Vec<SocketAddr> = nodes.iter().map(|(_, a)| *a).collect();
+    let all: Vec<SocketAddr> = cluster.nodes.iter().map(|(_, a)| *a).collect();
     eventually("both to subscribe", 10, || {
         let all = all.clone();
         async move {
@@ -375,24 +258,9 @@ async fn cluster_spreads_keys_and_survives_a_master_loss() {
     // over and sharing resumes.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = steady_load([p.ca.clone(), p.cb.clone()], stop.clone());
-    nodes[1].0.start_kill().expect("kill -9 a master");
-    let survivor = masters[0];
-    eventually("the cluster to fail over", 30, || async move {
-        query::<String>(survivor, redis::cmd("CLUSTER").arg("INFO"))
-            .await
-            .is_ok_and(|i| i.contains("cluster_state:ok"))
-            && query::<String>(survivor, redis::cmd("CLUSTER").arg("NODES"))
-                .await
-                .is_ok_and(|n| {
-                    n.lines()
-                        .filter(|l| l.contains("master") && !l.contains("fail"))
-                        .count()
-                        == 3
-                })
-    })
-    .await;
+    cluster.nodes[1].0.start_kill().expect("kill -9 a master");
+    cluster.until_failed_over(masters[0]).await;
     p.until_sharing(n + 1_000).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(load.await.expect("no call failed") > 0);
-    let _ = std::fs::remove_dir_all(&dir);
 }
