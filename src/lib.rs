@@ -25,7 +25,8 @@
 //! - [`cache`]: the component cache between the engine and the downstreams:
 //!   freshness windows, stale-while-revalidate, stale-if-error, caller
 //!   control, the key format (`cache::key`), the shared Redis tier
-//!   (`cache::shared`) and request coalescing (`cache::singleflight`).
+//!   (`cache::shared`) over one server, Sentinel or Cluster
+//!   (`cache::topology`), and request coalescing (`cache::singleflight`).
 //! - [`downstream`]: one typed client per downstream service, built from
 //!   config in `downstream::connect`, each behind its own resilience stack,
 //!   composed top to bottom in `downstream::stack`, over a balancer
