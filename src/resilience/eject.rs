@@ -132,14 +132,17 @@ impl Accrual {
         jitter: f64,
         may_eject: impl FnOnce() -> bool,
     ) -> Change {
-        self.failures = self.failures.saturating_add(1);
-        let probation_failed = matches!(self.state, State::Probation { .. })
-            || matches!(self.state, State::Ejected { .. });
-        if probation_failed {
-            // Already counted as ejected: eject again, for longer.
-            self.eject(s, now, jitter);
-            return Change::None;
+        match self.state {
+            // The probation call failed: eject again, for longer.
+            State::Probation { probing: true } => {
+                self.eject(s, now, jitter);
+                return Change::None;
+            }
+            // A call sent before the ejection: it says nothing new.
+            State::Ejected { .. } | State::Probation { probing: false } => return Change::None,
+            State::Active => {}
         }
+        self.failures = self.failures.saturating_add(1);
         if self.failures >= s.consecutive_failures && may_eject() {
             self.eject(s, now, jitter);
             return Change::Ejected;
@@ -261,6 +264,19 @@ mod tests {
         assert_eq!(backoff(&s, 0, 0.999_999), Duration::from_nanos(500_000_500));
         assert_eq!(backoff(&s, 3, 0.5), Duration::from_secs(6));
         assert_eq!(backoff(&s, 40, 0.0), Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_failures_of_calls_sent_before_the_ejection_do_not_lengthen_it() {
+        let s = settings();
+        let mut a = Accrual::default();
+        fail(&mut a, 3);
+        // Five more calls that were in flight fail after the ejection.
+        for _ in 0..5 {
+            assert_eq!(a.failure(&s, Instant::now(), 0.0, || true), Change::None);
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(a.admit(Instant::now()), "probation after the first backoff");
     }
 
     #[tokio::test(start_paused = true)]
