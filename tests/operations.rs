@@ -144,3 +144,52 @@ async fn known_label_sets_are_exported_at_zero_before_any_call() {
         assert_eq!(common::sample(&text, series), 0.0, "{series}");
     }
 }
+
+/// The HPA's load signal counts RPCs while they are in flight, and only
+/// then (health checks excepted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpcs_in_flight_follow_the_calls() {
+    let h = common::start(
+        common::sim_with_latency(std::time::Duration::from_millis(400)),
+        |_| {},
+    )
+    .await;
+    let series = "bfb_rpcs_in_flight";
+    let until = |want: f64| {
+        let h = &h;
+        async move {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let now = common::metric(&h.metrics_text().await, series);
+                if now == Some(want) {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{series} is {now:?}, not {want}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    };
+    until(0.0).await;
+    let client = h.customers().await;
+    let calls: Vec<_> = (0..5)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                c.get_customer(bfb::pb::bfb::customer::v1::GetCustomerRequest {
+                    customer_id: format!("c-{}", i + 1),
+                    ..Default::default()
+                })
+                .await
+                .map(drop)
+            })
+        })
+        .collect();
+    until(5.0).await;
+    for c in calls {
+        c.await.expect("task").expect("call");
+    }
+    until(0.0).await;
+}
