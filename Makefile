@@ -29,6 +29,7 @@ bench:
 	cargo bench --locked --bench batch
 	cargo bench --locked --bench balance
 	cargo bench --locked --bench memory
+	cargo bench --locked --bench baseline
 
 ## The release binary, built exactly as the Dockerfile builds it.
 release:
