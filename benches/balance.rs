@@ -43,17 +43,6 @@ mod common;
 
 use common::{Boxed, start_sim};
 
-/// This process's CPU time (user + system) so far.
-fn own_cpu() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let ticks = stat.rsplit_once(')').map_or(0, |(_, rest)| {
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        n(11) + n(12)
-    });
-    Duration::from_millis(ticks * 10)
-}
-
 #[derive(Clone)]
 enum Client {
     Channel(ProfileServiceClient<Channel>),
@@ -111,7 +100,7 @@ fn balanced(addrs: &[SocketAddr], metrics: &Arc<Metrics>) -> Client {
 /// Closed loop at `concurrency` for `secs`: (client CPU µs per call, calls/s).
 async fn run(client: &Client, concurrency: u64, secs: f64) -> Result<(f64, f64), Boxed> {
     let until = Instant::now() + Duration::from_secs_f64(secs);
-    let cpu = own_cpu();
+    let cpu = common::cpu_of(std::process::id()).unwrap_or_default();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency {
@@ -130,7 +119,7 @@ async fn run(client: &Client, concurrency: u64, secs: f64) -> Result<(f64, f64),
         calls += t.await??;
     }
     let wall = started.elapsed().as_secs_f64();
-    let cpu = (own_cpu() - cpu).as_secs_f64();
+    let cpu = (common::cpu_of(std::process::id()).unwrap_or_default() - cpu).as_secs_f64();
     Ok((cpu * 1e6 / calls as f64, calls as f64 / wall))
 }
 

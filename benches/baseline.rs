@@ -31,7 +31,6 @@ use bfb::pb::{
             CustomerAggregateService, CustomerAggregateServiceServer,
         },
     },
-    bfb::sim::v1::{GetStatsRequest, sim_control_client::SimControlClient},
     downstream::{
         favorites::v1::{ListFavoritesRequest, favorites_service_client::FavoritesServiceClient},
         orders::v1::{ListOrdersRequest, orders_service_client::OrdersServiceClient},
@@ -44,7 +43,7 @@ use tonic::{Request, Response, Status, transport::Channel};
 
 mod common;
 
-use common::{Boxed, channel, env_or, start_bfb, start_sim};
+use common::{Boxed, channel, cpu_time, env_or, rss_kib, sim_in_flight, start_bfb, start_sim};
 
 /// The hand-written aggregator.
 struct Baseline {
@@ -63,21 +62,10 @@ fn with_deadline<T>(msg: T, timeout: Option<Duration>) -> Request<T> {
     r
 }
 
-/// `grpc-timeout` of an inbound request (hours, minutes, seconds, millis,
-/// micros, nanos).
+/// `grpc-timeout` of an inbound request (bfb's parser: any team would use
+/// one like it).
 fn timeout_of<T>(r: &Request<T>) -> Option<Duration> {
-    let v = r.metadata().get("grpc-timeout")?.to_str().ok()?;
-    let (n, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    bfb::deadline::parse_grpc_timeout(r.metadata().get("grpc-timeout")?.to_str().ok()?)
 }
 
 #[tonic::async_trait]
@@ -235,31 +223,6 @@ async fn serve_baseline(listen: &str, sim: &str) -> Result<(), Boxed> {
     Ok(())
 }
 
-/// CPU time (user + system) a process has used so far.
-fn cpu(child: &Child) -> Duration {
-    let Some(pid) = child.id() else {
-        return Duration::ZERO;
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let ticks = stat.rsplit_once(')').map_or(0, |(_, rest)| {
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        n(11) + n(12)
-    });
-    Duration::from_millis(ticks * 10)
-}
-
-/// VmRSS of a process, in KiB.
-fn rss_kib(child: &Child) -> u64 {
-    let Some(pid) = child.id() else { return 0 };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn get(i: u64) -> GetCustomerRequest {
     GetCustomerRequest {
         customer_id: format!("c-{}", i % 10_000 + 1),
@@ -276,7 +239,7 @@ async fn load(
 ) -> Result<(f64, f64), Boxed> {
     let client = CustomerAggregateServiceClient::new(channel(addr).await?);
     let until = Instant::now() + Duration::from_secs_f64(secs);
-    let before = cpu(server);
+    let before = cpu_time(server);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency {
@@ -295,7 +258,7 @@ async fn load(
         calls += t.await??;
     }
     let wall = started.elapsed().as_secs_f64();
-    let used = (cpu(server) - before).as_secs_f64();
+    let used = (cpu_time(server) - before).as_secs_f64();
     Ok((used * 1e6 / calls as f64, calls as f64 / wall))
 }
 
@@ -324,7 +287,7 @@ async fn per_call_kib(
     for _ in 0..n.div_ceil(100) {
         clients.push(CustomerAggregateServiceClient::new(channel(addr).await?));
     }
-    let start = in_flight(sim).await?;
+    let start = sim_in_flight(sim).await?;
     let mut tasks = Vec::new();
     for i in 0..n {
         let mut c = clients[(i / 100) as usize].clone();
@@ -335,7 +298,7 @@ async fn per_call_kib(
         }));
     }
     let until = Instant::now() + Duration::from_secs(20);
-    while in_flight(sim).await? < start + 4 * n {
+    while sim_in_flight(sim).await? < start + 4 * n {
         if Instant::now() > until {
             return Err("the calls never all reached the sim".into());
         }
@@ -346,14 +309,6 @@ async fn per_call_kib(
         t.await??;
     }
     Ok(busy.saturating_sub(idle) as f64 / n as f64)
-}
-
-async fn in_flight(sim: SocketAddr) -> Result<u64, Boxed> {
-    let stats = SimControlClient::new(channel(sim).await?)
-        .get_stats(GetStatsRequest {})
-        .await?
-        .into_inner();
-    Ok(stats.services.values().map(|s| s.in_flight).sum())
 }
 
 fn spread(mut v: Vec<f64>) -> String {

@@ -21,24 +21,11 @@ use bfb::pb::{
     downstream::profile::v1::{GetProfileRequest, profile_service_client::ProfileServiceClient},
 };
 use hdrhistogram::Histogram;
-use tokio::process::Child;
 use tonic::transport::Channel;
 
 mod common;
 
-use common::{Boxed, channel, start};
-
-/// CPU time (user + system) a process has used so far.
-fn cpu_time(child: &Child) -> Option<Duration> {
-    let pid = child.id()?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // Linux reports these in USER_HZ, which is 100 on every mainstream platform.
-    Some(Duration::from_millis(ticks * 10))
-}
+use common::{Boxed, channel, cpu_time, start};
 
 #[derive(Clone)]
 enum Target {
@@ -169,17 +156,16 @@ async fn main() -> Result<(), Boxed> {
         "  bfb GetCustomer:     {rate_a:>9.0} calls/s   p99 {:>6} µs",
         ha.value_at_quantile(0.99)
     );
-    if let (Some(b), Some(m), Some(a)) = (before, middle, after) {
-        let per = |cpu: Duration, rate: f64| cpu.as_secs_f64() * 1e6 / (rate * secs as f64);
-        println!(
-            "  bfb process CPU per GetCustomer, 4 components: {:.1} µs",
-            per(a - m, rate_a)
-        );
-        println!(
-            "  bfb process CPU per GetCustomer, profile only: {:.1} µs ({rate_o:.0} calls/s)",
-            per(m - b, rate_o)
-        );
-    }
+    let (b, m, a) = (before, middle, after);
+    let per = |cpu: Duration, rate: f64| cpu.as_secs_f64() * 1e6 / (rate * secs as f64);
+    println!(
+        "  bfb process CPU per GetCustomer, 4 components: {:.1} µs",
+        per(a.saturating_sub(m), rate_a)
+    );
+    println!(
+        "  bfb process CPU per GetCustomer, profile only: {:.1} µs ({rate_o:.0} calls/s)",
+        per(m.saturating_sub(b), rate_o)
+    );
     drop(bfb);
 
     println!("\n2b. cache hits: bfb with [cache] enabled, 100 hot customers, sim latency 0");

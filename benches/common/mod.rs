@@ -48,6 +48,43 @@ pub async fn spawn(args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
     Ok((child, addr))
 }
 
+/// CPU time (user + system) process `pid` has used so far.
+pub fn cpu_of(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Linux reports these in USER_HZ, which is 100 on every mainstream platform.
+    Some(std::time::Duration::from_millis(ticks * 10))
+}
+
+/// CPU time a child process has used so far (zero once it is gone).
+pub fn cpu_time(child: &Child) -> std::time::Duration {
+    child.id().and_then(cpu_of).unwrap_or_default()
+}
+
+/// VmRSS of a child process, in KiB (0 once it is gone).
+pub fn rss_kib(child: &Child) -> u64 {
+    let Some(pid) = child.id() else { return 0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Calls in flight at the sim, over all its services.
+pub async fn sim_in_flight(sim: SocketAddr) -> Result<u64, Boxed> {
+    use bfb::pb::bfb::sim::v1::{GetStatsRequest, sim_control_client::SimControlClient};
+    let stats = SimControlClient::new(channel(sim).await?)
+        .get_stats(GetStatsRequest {})
+        .await?
+        .into_inner();
+    Ok(stats.services.values().map(|s| s.in_flight).sum())
+}
+
 /// The number in environment variable `name` (a bench's knob), or `default`.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
