@@ -43,7 +43,9 @@ use tonic::{Request, Response, Status, transport::Channel};
 
 mod common;
 
-use common::{Boxed, channel, cpu_time, env_or, rss_kib, sim_in_flight, start_bfb, start_sim};
+use common::{
+    Boxed, channel, cpu_time, env_or, rss_kib, sim_in_flight, spawn_program, start_bfb, start_sim,
+};
 
 /// The hand-written aggregator.
 struct Baseline {
@@ -334,40 +336,7 @@ async fn baseline_process(sim: SocketAddr) -> Result<(Child, SocketAddr), Boxed>
     let exe = std::env::current_exe()?;
     let exe = exe.to_str().ok_or("path")?.to_string();
     let sim = sim.to_string();
-    spawn_exe(&exe, &["serve-baseline", "127.0.0.1:0", &sim]).await
-}
-
-/// Like `common::spawn` but for this binary.
-async fn spawn_exe(exe: &str, args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
-    let mut all = vec!["-c", "1", exe];
-    all.extend_from_slice(args);
-    let pinned = std::process::Command::new("taskset")
-        .arg("-V")
-        .output()
-        .is_ok();
-    let mut cmd = if pinned {
-        let mut c = tokio::process::Command::new("taskset");
-        c.args(&all);
-        c
-    } else {
-        let mut c = tokio::process::Command::new(exe);
-        c.args(args);
-        c
-    };
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let mut line = String::new();
-    let out = child.stdout.take().ok_or("no stdout")?;
-    tokio::io::AsyncBufReadExt::read_line(&mut tokio::io::BufReader::new(out), &mut line).await?;
-    let addr = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .ok_or("no address")?
-        .parse()?;
-    Ok((child, addr))
+    spawn_program(&exe, &["serve-baseline", "127.0.0.1:0", &sim]).await
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]

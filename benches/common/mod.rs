@@ -19,16 +19,22 @@ pub type Boxed = Box<dyn std::error::Error>;
 /// Spawns `bfb ARGS` (pinned to core 1 when possible) and reads the address
 /// it prints.
 pub async fn spawn(args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
+    spawn_program(BFB, args).await
+}
+
+/// Spawns `program ARGS` (pinned to core 1 when possible) and reads the
+/// address it prints last on its first line (`... listening on ADDR`).
+pub async fn spawn_program(program: &str, args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
     let pinned = std::process::Command::new("taskset")
         .arg("-V")
         .output()
         .is_ok();
     let mut cmd = if pinned {
         let mut c = Command::new("taskset");
-        c.args(["-c", "1", BFB]);
+        c.args(["-c", "1", program]);
         c
     } else {
-        Command::new(BFB)
+        Command::new(program)
     };
     let mut child = cmd
         .args(args)
