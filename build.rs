@@ -22,6 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // google.rpc.Status is tonic-types' type, so per-item errors carry
         // the same details as a call's status.
         .extern_path(".google.rpc", "::tonic_types::pb")
+        // prost with a small encode buffer (src/pb.rs says why).
+        .codec_path("crate::pb::LeanCodec")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -32,10 +32,12 @@ use bfb::pb::{
         },
     },
     downstream::{
-        favorites::v1::{ListFavoritesRequest, favorites_service_client::FavoritesServiceClient},
-        orders::v1::{ListOrdersRequest, orders_service_client::OrdersServiceClient},
-        profile::v1::{GetProfileRequest, profile_service_client::ProfileServiceClient},
-        reviews::v1::{ListReviewsRequest, reviews_service_client::ReviewsServiceClient},
+        favorites::v1::{ListFavoritesRequest, ListFavoritesResponse},
+        orders::v1::{ListOrdersRequest, ListOrdersResponse},
+        profile::v1::{
+            GetProfileRequest, GetProfileResponse, profile_service_client::ProfileServiceClient,
+        },
+        reviews::v1::{ListReviewsRequest, ListReviewsResponse},
     },
 };
 use tokio::process::Child;
@@ -44,15 +46,38 @@ use tonic::{Request, Response, Status, transport::Channel};
 mod common;
 
 use common::{
-    Boxed, channel, cpu_time, env_or, rss_kib, sim_in_flight, spawn_program, start_bfb, start_sim,
+    BFB, Boxed, channel, cpu_time, env_or, rss_kib, sim_in_flight, spawn_program, start_bfb_from,
+    start_sim,
 };
 
-/// The hand-written aggregator.
+/// The hand-written aggregator: the four generated clients over one
+/// channel, or over one of several taken in turn when one connection's
+/// streams are not enough (thousands of calls in flight).
 struct Baseline {
-    profile: ProfileServiceClient<Channel>,
-    favorites: FavoritesServiceClient<Channel>,
-    reviews: ReviewsServiceClient<Channel>,
-    orders: OrdersServiceClient<Channel>,
+    channels: Vec<Channel>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// One downstream call exactly as tonic's generated client makes it with
+/// its default codec (8 KiB encode buffer): bfb's generated clients use
+/// `bfb::pb::LeanCodec`, and the baseline is the code a team would get
+/// from tonic-build, not bfb's tuning.
+async fn unary<M, R>(
+    ch: &Channel,
+    path: &'static str,
+    request: Request<M>,
+) -> Result<Response<R>, Status>
+where
+    M: prost::Message + Send + Sync + 'static,
+    R: prost::Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(ch.clone());
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unknown(format!("service was not ready: {e}")))?;
+    let codec = tonic_prost::ProstCodec::<M, R>::default();
+    grpc.unary(request, http::uri::PathAndQuery::from_static(path), codec)
+        .await
 }
 
 /// The caller's deadline on a downstream request, as a team would pass it.
@@ -78,37 +103,49 @@ impl CustomerAggregateService for Baseline {
     ) -> Result<Response<GetCustomerResponse>, Status> {
         let t = timeout_of(&request);
         let id = request.into_inner().customer_id;
-        let (mut p, mut f, mut r, mut o) = (
-            self.profile.clone(),
-            self.favorites.clone(),
-            self.reviews.clone(),
-            self.orders.clone(),
-        );
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ch = &self.channels[i % self.channels.len()];
         let (profile, favorites, reviews, orders) = tokio::join!(
-            p.get_profile(with_deadline(
-                GetProfileRequest {
-                    customer_id: id.clone()
-                },
-                t
-            )),
-            f.list_favorites(with_deadline(
-                ListFavoritesRequest {
-                    customer_id: id.clone()
-                },
-                t
-            )),
-            r.list_reviews(with_deadline(
-                ListReviewsRequest {
-                    customer_id: id.clone()
-                },
-                t
-            )),
-            o.list_orders(with_deadline(
-                ListOrdersRequest {
-                    customer_id: id.clone()
-                },
-                t
-            )),
+            unary::<_, GetProfileResponse>(
+                ch,
+                "/downstream.profile.v1.ProfileService/GetProfile",
+                with_deadline(
+                    GetProfileRequest {
+                        customer_id: id.clone()
+                    },
+                    t
+                )
+            ),
+            unary::<_, ListFavoritesResponse>(
+                ch,
+                "/downstream.favorites.v1.FavoritesService/ListFavorites",
+                with_deadline(
+                    ListFavoritesRequest {
+                        customer_id: id.clone()
+                    },
+                    t
+                )
+            ),
+            unary::<_, ListReviewsResponse>(
+                ch,
+                "/downstream.reviews.v1.ReviewsService/ListReviews",
+                with_deadline(
+                    ListReviewsRequest {
+                        customer_id: id.clone()
+                    },
+                    t
+                )
+            ),
+            unary::<_, ListOrdersResponse>(
+                ch,
+                "/downstream.orders.v1.OrdersService/ListOrders",
+                with_deadline(
+                    ListOrdersRequest {
+                        customer_id: id.clone()
+                    },
+                    t
+                )
+            ),
         );
         let profile = profile?.into_inner().profile.map(|p| Profile {
             display_name: p.display_name,
@@ -201,17 +238,20 @@ impl CustomerAggregateService for Baseline {
     }
 }
 
-/// The baseline server: `serve-baseline ADDR SIM`; prints `listening on
-/// ADDR` like `bfb serve`.
-async fn serve_baseline(listen: &str, sim: &str) -> Result<(), Boxed> {
-    let ch = Channel::from_shared(format!("http://{sim}"))?
-        .tcp_nodelay(true)
-        .connect_lazy();
+/// The baseline server: `serve-baseline ADDR SIM CHANNELS`; prints
+/// `listening on ADDR` like `bfb serve`.
+async fn serve_baseline(listen: &str, sim: &str, channels: usize) -> Result<(), Boxed> {
+    let mut all = Vec::new();
+    for _ in 0..channels.max(1) {
+        all.push(
+            Channel::from_shared(format!("http://{sim}"))?
+                .tcp_nodelay(true)
+                .connect_lazy(),
+        );
+    }
     let service = Baseline {
-        profile: ProfileServiceClient::new(ch.clone()),
-        favorites: FavoritesServiceClient::new(ch.clone()),
-        reviews: ReviewsServiceClient::new(ch.clone()),
-        orders: OrdersServiceClient::new(ch),
+        channels: all,
+        next: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind(listen).await?;
     println!("baseline listening on {}", listener.local_addr()?);
@@ -232,52 +272,104 @@ fn get(i: u64) -> GetCustomerRequest {
     }
 }
 
-/// Closed loop at `concurrency` for `secs`: (server CPU µs per call, calls/s).
-async fn load(
-    server: &Child,
+/// What a variant's load calls.
+#[derive(Clone, Copy)]
+enum Ask {
+    /// `GetProfile` straight to the sim.
+    Direct,
+    /// GetCustomer, all four components, customers 1..10,000.
+    All,
+    /// GetCustomer with read mask `profile`.
+    ProfileOnly,
+    /// GetCustomer over the 100 customers warmed into the cache.
+    Hot,
+}
+
+/// One server under measurement.
+struct Target {
+    name: &'static str,
+    /// The process whose CPU is counted.
+    process: Child,
     addr: SocketAddr,
-    concurrency: u64,
-    secs: f64,
-) -> Result<(f64, f64), Boxed> {
-    let client = CustomerAggregateServiceClient::new(channel(addr).await?);
+    ask: Ask,
+}
+
+/// One call of `ask`, the `i`th.
+async fn call(ch: &Channel, ask: Ask, i: u64) -> Result<(), Status> {
+    match ask {
+        Ask::Direct => {
+            ProfileServiceClient::new(ch.clone())
+                .get_profile(GetProfileRequest {
+                    customer_id: format!("c-{}", i % 10_000 + 1),
+                })
+                .await?;
+        }
+        Ask::All => {
+            CustomerAggregateServiceClient::new(ch.clone())
+                .get_customer(get(i))
+                .await?;
+        }
+        Ask::ProfileOnly => {
+            let mut r = get(i);
+            r.read_mask = Some(prost_types::FieldMask {
+                paths: vec!["profile".into()],
+            });
+            CustomerAggregateServiceClient::new(ch.clone())
+                .get_customer(r)
+                .await?;
+        }
+        Ask::Hot => {
+            CustomerAggregateServiceClient::new(ch.clone())
+                .get_customer(get(i % 100))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Closed loop at `concurrency` for `secs`: (CPU µs per call of the
+/// target's process, calls/s). Any failed call fails the bench.
+async fn load(t: &Target, concurrency: u64, secs: f64) -> Result<(f64, f64), Boxed> {
+    let ch = channel(t.addr).await?;
     let until = Instant::now() + Duration::from_secs_f64(secs);
-    let before = cpu_time(server);
+    let before = cpu_time(&t.process);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency {
-        let mut c = client.clone();
+        let (ch, ask) = (ch.clone(), t.ask);
         tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < until {
-                c.get_customer(get(w * 100_000 + n)).await?;
+                call(&ch, ask, w * 100_000 + n).await?;
                 n += 1;
             }
             Ok::<u64, Status>(n)
         }));
     }
     let mut calls = 0;
-    for t in tasks {
-        calls += t.await??;
+    for task in tasks {
+        calls += task.await??;
     }
     let wall = started.elapsed().as_secs_f64();
-    let used = (cpu_time(server) - before).as_secs_f64();
+    let used = (cpu_time(&t.process) - before).as_secs_f64();
     Ok((used * 1e6 / calls as f64, calls as f64 / wall))
 }
 
 /// p50 in µs of `n` sequential calls.
-async fn p50(addr: SocketAddr, n: u64) -> Result<f64, Boxed> {
-    let mut c = CustomerAggregateServiceClient::new(channel(addr).await?);
+async fn p50(t: &Target, n: u64) -> Result<f64, Boxed> {
+    let ch = channel(t.addr).await?;
     let mut took = Vec::new();
     for i in 0..n {
-        let t = Instant::now();
-        c.get_customer(get(i)).await?;
-        took.push(t.elapsed().as_secs_f64() * 1e6);
+        let started = Instant::now();
+        call(&ch, t.ask, i).await?;
+        took.push(started.elapsed().as_secs_f64() * 1e6);
     }
     took.sort_by(f64::total_cmp);
     Ok(took[took.len() / 2])
 }
 
-/// RSS growth per call with `n` calls held at a slow sim (counted there).
+/// RSS growth per call with `n` calls held at a slow sim (counted there),
+/// 100 calls per client connection.
 async fn per_call_kib(
     server: &Child,
     addr: SocketAddr,
@@ -295,14 +387,20 @@ async fn per_call_kib(
         let mut c = clients[(i / 100) as usize].clone();
         tasks.push(tokio::spawn(async move {
             let mut r = Request::new(get(i));
-            r.set_timeout(Duration::from_secs(20));
+            r.set_timeout(Duration::from_secs(30));
             c.get_customer(r).await.map(drop)
         }));
     }
-    let until = Instant::now() + Duration::from_secs(20);
-    while sim_in_flight(sim).await? < start + 4 * n {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = sim_in_flight(sim).await?;
+        if seen >= start + 4 * n {
+            break;
+        }
         if Instant::now() > until {
-            return Err("the calls never all reached the sim".into());
+            return Err(
+                format!("only {seen} of {} downstream calls reached the sim", 4 * n).into(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -313,92 +411,203 @@ async fn per_call_kib(
     Ok(busy.saturating_sub(idle) as f64 / n as f64)
 }
 
-fn spread(mut v: Vec<f64>) -> String {
+/// min / median / max.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
-    format!(
-        "{:.0} / {:.0} / {:.0}",
-        v[0],
-        v[v.len() / 2],
-        v[v.len() - 1]
-    )
+    (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
-/// bfb's config for the comparison: bulkheads and admission raised (the
-/// baseline has none), slow calls not counted by the breaker.
+fn show(v: &[f64], decimals: usize) -> String {
+    let (lo, mid, hi) = spread(v);
+    format!("{lo:.decimals$} / {mid:.decimals$} / {hi:.decimals$}")
+}
+
+/// bfb's limits raised for the memory phase (thousands of slow calls; the
+/// baseline has no limits) and slow calls not counted by the breaker.
 fn roomy(c: String) -> String {
     c.replace("max_concurrency = 100", "max_concurrency = 20000")
         .replace("max_concurrent_rpcs = 1000", "max_concurrent_rpcs = 20000")
-        .replace("timeout = \"1s\"", "timeout = \"10s\"")
-        .replace("slow_call = \"1s\"", "slow_call = \"30s\"")
+        .replace("timeout = \"1s\"", "timeout = \"30s\"")
+        .replace("slow_call = \"1s\"", "slow_call = \"60s\"")
 }
 
-async fn baseline_process(sim: SocketAddr) -> Result<(Child, SocketAddr), Boxed> {
+async fn baseline_process(sim: SocketAddr, channels: usize) -> Result<(Child, SocketAddr), Boxed> {
     let exe = std::env::current_exe()?;
     let exe = exe.to_str().ok_or("path")?.to_string();
-    let sim = sim.to_string();
-    spawn_program(&exe, &["serve-baseline", "127.0.0.1:0", &sim]).await
+    let (sim, channels) = (sim.to_string(), channels.to_string());
+    spawn_program(&exe, &["serve-baseline", "127.0.0.1:0", &sim, &channels]).await
+}
+
+/// The bfb binaries measured: this build, and `BENCH_BFB_BEFORE` if set.
+fn before_binary() -> Option<String> {
+    std::env::var("BENCH_BFB_BEFORE")
+        .ok()
+        .filter(|p| !p.is_empty())
+}
+
+async fn targets(sim: (Child, SocketAddr)) -> Result<Vec<Target>, Boxed> {
+    let (sim_process, sim) = sim;
+    let mut t = vec![Target {
+        name: "direct",
+        process: sim_process,
+        addr: sim,
+        ask: Ask::Direct,
+    }];
+    let (p, a) = baseline_process(sim, 1).await?;
+    t.push(Target {
+        name: "hand-written",
+        process: p,
+        addr: a,
+        ask: Ask::All,
+    });
+    let (p, a) = start_bfb_from(BFB, None, sim, "cmp-default", |c| c).await?;
+    t.push(Target {
+        name: "bfb",
+        process: p,
+        addr: a,
+        ask: Ask::All,
+    });
+    let (p, a) = start_bfb_from(BFB, Some("warn"), sim, "cmp-tuned", |c| c).await?;
+    t.push(Target {
+        name: "bfb-tuned",
+        process: p,
+        addr: a,
+        ask: Ask::All,
+    });
+    let (p, a) = start_bfb_from(BFB, Some("warn"), sim, "cmp-profile", |c| c).await?;
+    t.push(Target {
+        name: "bfb-profile",
+        process: p,
+        addr: a,
+        ask: Ask::ProfileOnly,
+    });
+    let (p, a) = start_bfb_from(BFB, Some("warn"), sim, "cmp-cached", |c| {
+        c.replace("[cache]\nenabled = false", "[cache]\nenabled = true")
+    })
+    .await?;
+    t.push(Target {
+        name: "bfb-cached",
+        process: p,
+        addr: a,
+        ask: Ask::Hot,
+    });
+    if let Some(before) = before_binary() {
+        let (p, a) = start_bfb_from(&before, Some("warn"), sim, "cmp-before", |c| c).await?;
+        t.push(Target {
+            name: "bfb-before",
+            process: p,
+            addr: a,
+            ask: Ask::All,
+        });
+    }
+    Ok(t)
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> Result<(), Boxed> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("serve-baseline") {
-        let (listen, sim) = (&args[2], &args[3]);
-        return serve_baseline(listen, sim).await;
+        let channels = args.get(4).and_then(|c| c.parse().ok()).unwrap_or(1);
+        return serve_baseline(&args[2], &args[3], channels).await;
     }
     let secs: f64 = env_or("BENCH_SECS", 3.0);
     let rounds: usize = env_or("BENCH_ROUNDS", 4);
 
-    let (_sim, sim) = start_sim("0ms").await?;
-    let (bfb, bfb_addr) = start_bfb(sim, "baseline-cmp", roomy).await?;
-    let (base, base_addr) = baseline_process(sim).await?;
-    let targets = [("hand-written", &base, base_addr), ("bfb", &bfb, bfb_addr)];
-    for (_, s, a) in &targets {
-        load(s, *a, 32, 0.5).await?;
+    let targets = targets(start_sim("0ms").await?).await?;
+    // Warm connections, caches and allocators.
+    for t in &targets {
+        load(t, 32, 0.5).await?;
     }
-    let mut cpu_us = [Vec::new(), Vec::new()];
-    let mut rate = [Vec::new(), Vec::new()];
-    let mut lat = [Vec::new(), Vec::new()];
+    let k = targets.len();
+    let (mut cpu, mut rate, mut lat) = (vec![vec![]; k], vec![vec![]; k], vec![vec![]; k]);
     for round in 0..rounds {
-        for k in 0..2 {
-            let i = (round + k) % 2;
-            let (_, s, a) = targets[i];
-            let (c, r) = load(s, a, 32, secs).await?;
-            cpu_us[i].push(c);
+        for j in 0..k {
+            let i = (round + j) % k;
+            let (c, r) = load(&targets[i], 32, secs).await?;
+            cpu[i].push(c);
             rate[i].push(r);
-            lat[i].push(p50(a, 300).await?);
+            lat[i].push(p50(&targets[i], 300).await?);
         }
     }
+    println!("zero-latency sim, {rounds} rounds in rotating order, min / median / max");
     println!(
-        "GetCustomer (4 components), zero-latency sim, {rounds} alternating rounds, min / median / max"
+        "{:<13} {:>22} {:>26} {:>22}",
+        "variant", "CPU µs per call", "calls/s (c=32)", "p50 µs (c=1)"
     );
-    println!(
-        "{:<14} {:>22} {:>24} {:>22}",
-        "server", "CPU µs per call", "calls/s (c=32)", "p50 µs (c=1)"
-    );
-    for (i, (name, _, _)) in targets.iter().enumerate() {
+    for (i, t) in targets.iter().enumerate() {
         println!(
-            "{:<14} {:>22} {:>24} {:>22}",
-            name,
-            spread(cpu_us[i].clone()),
-            spread(rate[i].clone()),
-            spread(lat[i].clone())
+            "{:<13} {:>22} {:>26} {:>22}",
+            t.name,
+            show(&cpu[i], 1),
+            show(&rate[i], 0),
+            show(&lat[i], 0)
         );
     }
-    drop((bfb, base));
+    // Ratios of medians, each against a figure of the same run.
+    let med = |v: &[f64]| spread(v).1;
+    let by = |name: &str| targets.iter().position(|t| t.name == name);
+    let (Some(direct), Some(hand)) = (by("direct"), by("hand-written")) else {
+        return Err("variants missing".into());
+    };
+    println!("ratios of medians:");
+    for name in ["bfb", "bfb-tuned", "bfb-profile", "bfb-before"] {
+        if let Some(i) = by(name) {
+            println!(
+                "  {name:<12} CPU {:.2}× hand-written   p50 +{:.0} µs over direct (hand-written +{:.0} µs)",
+                med(&cpu[i]) / med(&cpu[hand]),
+                med(&lat[i]) - med(&lat[direct]),
+                med(&lat[hand]) - med(&lat[direct]),
+            );
+        }
+    }
+    if let Some(i) = by("bfb-cached") {
+        println!(
+            "  bfb-cached   calls/s {:.2}× direct   p50 +{:.0} µs over direct",
+            med(&rate[i]) / med(&rate[direct]),
+            med(&lat[i]) - med(&lat[direct]),
+        );
+    }
+    drop(targets);
 
     // Memory per in-flight call, against a sim answering in 3 s.
     let (_slow, slow) = start_sim("3s").await?;
-    let (bfb, bfb_addr) = start_bfb(slow, "baseline-mem", roomy).await?;
-    let (base, base_addr) = baseline_process(slow).await?;
-    // The baseline's one connection to the sim carries at most the sim's
-    // 200 concurrent streams (four per call): stay under it.
-    let n: u64 = env_or("BENCH_INFLIGHT", 40);
-    per_call_kib(&base, base_addr, slow, n).await?;
-    per_call_kib(&bfb, bfb_addr, slow, n).await?;
-    let b = per_call_kib(&base, base_addr, slow, n).await?;
-    let f = per_call_kib(&bfb, bfb_addr, slow, n).await?;
-    println!("memory per in-flight GetCustomer ({n} held at a 3 s sim), RSS growth:");
-    println!("  hand-written {b:.1} KiB   bfb {f:.1} KiB");
+    let sizes: Vec<u64> = std::env::var("BENCH_INFLIGHT")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    if sizes.is_empty() {
+        return Ok(());
+    }
+    let most = sizes.iter().copied().max().unwrap_or(1000);
+    println!("memory per in-flight GetCustomer (sim at 3 s), RSS growth per call, KiB:");
+    // One server at a time, so the sim holds only its connections.
+    let mut names = vec!["hand-written", "bfb"];
+    let before = before_binary();
+    if before.is_some() {
+        names.push("bfb-before");
+    }
+    for name in names {
+        let (p, a) = match name {
+            // The baseline gets a connection per 150 downstream streams in
+            // flight (the sim allows 256 per connection), as its authors
+            // would once one connection queued their calls.
+            "hand-written" => baseline_process(slow, (4 * most as usize).div_ceil(150)).await?,
+            "bfb" => start_bfb_from(BFB, Some("warn"), slow, "mem", roomy).await?,
+            _ => {
+                let program = before.as_deref().ok_or("no before binary")?;
+                start_bfb_from(program, Some("warn"), slow, "mem-before", roomy).await?
+            }
+        };
+        per_call_kib(&p, a, slow, 100).await?;
+        let mut line = format!("  {name:<13}");
+        for &n in &sizes {
+            let first = per_call_kib(&p, a, slow, n).await?;
+            let again = per_call_kib(&p, a, slow, n).await?;
+            line += &format!("  {n} in flight: first {first:.1}, again {again:.1};");
+        }
+        println!("{line}  RSS now {} MiB", rss_kib(&p) / 1024);
+    }
     Ok(())
 }

@@ -12,6 +12,13 @@ use bfb::{
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
+/// mimalloc instead of glibc's malloc: an RPC allocates and frees a few
+/// hundred small objects across tasks and threads (docs/performance.md has
+/// both measured; `--no-default-features` builds with the system's).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Prints a line to stdout, ignoring errors: a closed pipe (a supervisor that
 /// stopped reading) must not crash bfb, which `println!` would.
 macro_rules! say {

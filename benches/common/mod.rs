@@ -12,7 +12,8 @@ use tokio::{
 };
 use tonic::transport::Channel;
 
-const BFB: &str = env!("CARGO_BIN_EXE_bfb");
+/// The bfb binary of this build.
+pub const BFB: &str = env!("CARGO_BIN_EXE_bfb");
 
 pub type Boxed = Box<dyn std::error::Error>;
 
@@ -22,13 +23,34 @@ pub async fn spawn(args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
     spawn_program(BFB, args).await
 }
 
-/// Spawns `program ARGS` (pinned to core 1 when possible) and reads the
-/// address it prints last on its first line (`... listening on ADDR`).
+/// Spawns `program ARGS` (pinned to core 1 when possible) with
+/// `RUST_LOG=warn` and reads the address it prints last on its first line
+/// (`... listening on ADDR`).
 pub async fn spawn_program(program: &str, args: &[&str]) -> Result<(Child, SocketAddr), Boxed> {
+    spawn_logging(program, args, Some("warn")).await
+}
+
+/// [`spawn_program`] with `RUST_LOG` set to `log`, or unset (`None`: the
+/// config's log filter decides, as in production). Logs go to /dev/null:
+/// formatted and written, as to a collector's pipe, but not shown.
+pub async fn spawn_logging(
+    program: &str,
+    args: &[&str],
+    log: Option<&str>,
+) -> Result<(Child, SocketAddr), Boxed> {
     let pinned = std::process::Command::new("taskset")
         .arg("-V")
         .output()
         .is_ok();
+    // BENCH_WRAP=SCRIPT runs every program through SCRIPT (a profiler).
+    let wrap = std::env::var("BENCH_WRAP").ok();
+    let args: Vec<&str> = match &wrap {
+        Some(_) => std::iter::once(program)
+            .chain(args.iter().copied())
+            .collect(),
+        None => args.to_vec(),
+    };
+    let program = wrap.as_deref().unwrap_or(program);
     let mut cmd = if pinned {
         let mut c = Command::new("taskset");
         c.args(["-c", "1", program]);
@@ -36,15 +58,26 @@ pub async fn spawn_program(program: &str, args: &[&str]) -> Result<(Child, Socke
     } else {
         Command::new(program)
     };
+    match log {
+        Some(level) => cmd.env("RUST_LOG", level),
+        None => cmd.env_remove("RUST_LOG"),
+    };
     let mut child = cmd
-        .args(args)
-        .env("RUST_LOG", "warn")
+        .args(&args)
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()?;
+    // The first line that says where it listens (a wrapper such as a
+    // profiler may print before it).
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?);
     let mut line = String::new();
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    BufReader::new(stdout).read_line(&mut line).await?;
+    while !line.contains("listening on") {
+        line.clear();
+        if lines.read_line(&mut line).await? == 0 {
+            return Err(format!("{program} exited before listening").into());
+        }
+    }
     let addr = line
         .trim()
         .rsplit(' ')
@@ -111,6 +144,18 @@ pub async fn start_bfb(
     name: &str,
     edit: impl FnOnce(String) -> String,
 ) -> Result<(Child, SocketAddr), Boxed> {
+    start_bfb_from(BFB, Some("warn"), sim, name, edit).await
+}
+
+/// [`start_bfb`] from the binary `program` (another build, for before and
+/// after in one run), with `RUST_LOG` as in [`spawn_logging`].
+pub async fn start_bfb_from(
+    program: &str,
+    log: Option<&str>,
+    sim: SocketAddr,
+    name: &str,
+    edit: impl FnOnce(String) -> String,
+) -> Result<(Child, SocketAddr), Boxed> {
     let config = bfb::config::EXAMPLE
         .replace("http://127.0.0.1:50061", &format!("http://{sim}"))
         .replace("listen = \"127.0.0.1:50051\"", "listen = \"127.0.0.1:0\"")
@@ -124,7 +169,12 @@ pub async fn start_bfb(
         );
     let path = std::env::temp_dir().join(format!("bfb-bench-{}-{name}.toml", std::process::id()));
     std::fs::write(&path, edit(config))?;
-    spawn(&["serve", "--config", path.to_str().ok_or("path")?]).await
+    spawn_logging(
+        program,
+        &["serve", "--config", path.to_str().ok_or("path")?],
+        log,
+    )
+    .await
 }
 
 /// A sim at `sim_latency` and bfb on the example config.

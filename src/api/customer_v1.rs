@@ -286,3 +286,53 @@ mod tests {
         assert_eq!(major_units(500, "JPY"), 500.0);
     }
 }
+
+#[cfg(test)]
+mod future_sizes {
+    use super::*;
+    use crate::{
+        component::ComponentSet,
+        config::Config,
+        engine::{Ask, Completeness},
+        telemetry::metrics::Metrics,
+    };
+
+    /// The futures a GetCustomer lives in while it waits for its downstream
+    /// calls: every in-flight call holds the handler's future, so its size
+    /// is memory per call (docs/performance.md). The limits fail when the
+    /// cache's path or the RPC's telemetry are inlined again (21 KiB of
+    /// handler future before).
+    #[tokio::test]
+    async fn request_path_futures_stay_small() {
+        // Today 3,920, 2,656 and 104 bytes.
+        let (handler_max, engine_max, call_max) = (5 * 1024, 3584, 256);
+        let config = Config::parse(crate::config::EXAMPLE).expect("example");
+        let engine = Arc::new(Engine::new(&config, &Arc::new(Metrics::new())).expect("engine"));
+        let v1 = CustomerV1::new(engine.clone());
+        let deadline = engine.deadline(&Default::default(), None);
+
+        let handler = CustomerAggregateService::get_customer(&v1, Request::new(Default::default()));
+        let handler = std::mem::size_of_val(&*handler);
+        let ask = Ask {
+            requested: ComponentSet::of(&Component::CUSTOMER),
+            completeness: Completeness::BestEffort,
+            policy: Default::default(),
+        };
+        let aggregate = engine.customer(("scope", "c-1"), ask, deadline, None);
+        let aggregate = std::mem::size_of_val(&aggregate);
+        let call = engine
+            .downstreams()
+            .profile
+            .call(deadline, Default::default());
+        let call = std::mem::size_of_val(&call);
+        assert!(
+            handler <= handler_max,
+            "GetCustomer handler future: {handler} bytes"
+        );
+        assert!(
+            aggregate <= engine_max,
+            "engine's customer future: {aggregate} bytes"
+        );
+        assert!(call <= call_max, "downstream call future: {call} bytes");
+    }
+}

@@ -14,8 +14,6 @@ pub mod stack;
 
 use std::{collections::HashMap, sync::Arc};
 
-use tower::{ServiceExt, util::BoxCloneSyncService};
-
 pub use self::connect::EndpointError;
 use self::loader::{BatchFn, Loader};
 use crate::{
@@ -32,14 +30,14 @@ use crate::{
         reviews::v1::*,
         sms::v1::*,
     },
+    resilience::Call,
     resilience::CallError,
-    resilience::{Call, Failed},
 };
 
 /// One downstream: its resilience stack over a typed client. Cloning is
-/// cheap (a boxed stack whose layers hold their state in `Arc`s).
+/// cheap (an `Arc`).
 pub struct Downstream<M, T> {
-    stack: BoxCloneSyncService<Call<M>, T, Failed>,
+    stack: Arc<dyn stack::Calls<M, T>>,
 }
 
 // By hand: a derive would require `M: Clone, T: Clone`, which the stack does not need.
@@ -55,7 +53,7 @@ impl<M, T> Downstream<M, T> {
     /// Calls the downstream through its stack within the caller's deadline.
     pub async fn call(&self, deadline: Deadline, message: M) -> Result<T, CallError> {
         let call = Call::new(message, deadline);
-        self.stack.clone().oneshot(call).await.map_err(|f| f.error)
+        self.stack.call(call).await.map_err(|f| f.error)
     }
 }
 

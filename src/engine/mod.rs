@@ -214,9 +214,14 @@ impl Engine {
             window: job.window,
         };
         let needed = job.needed.contains(component);
-        self.cache
-            .fetch(key, job.policy, needed, job.deadline, live)
-            .await
+        // Boxed: the cache's path (in-process and Redis lookups, coalescing)
+        // would otherwise make every component's future, cached or not, as
+        // large as its biggest await (`api::tests::future_sizes`).
+        Box::pin(
+            self.cache
+                .fetch(key, job.policy, needed, job.deadline, live),
+        )
+        .await
     }
 
     /// Records what one aggregate came to, from its typed outcomes (not from

@@ -3,6 +3,7 @@
 //! status classified into a [`Failed`].
 
 use std::{
+    future::Future,
     task::{Context, Poll},
     time::Duration,
 };
@@ -84,8 +85,24 @@ where
     }
 
     fn call(&mut self, call: Call<M>) -> Self::Future {
-        let inner = self.inner.clone();
-        let l = &self.layer;
+        let (inner, layer) = (self.inner.clone(), self.layer.clone());
+        Box::pin(async move { layer.run(call, |r| inner.oneshot(r)).await })
+    }
+}
+
+impl AttemptLayer {
+    /// One attempt: `rpc` called with `call`'s message under its budget,
+    /// in a client span, its status classified and measured.
+    pub fn run<M, T, F, Fut>(
+        &self,
+        call: Call<M>,
+        rpc: F,
+    ) -> impl Future<Output = Result<T, Failed>> + use<'_, M, T, F, Fut>
+    where
+        F: FnOnce(Request<M>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let l = self;
         let budget = call.deadline.budget(l.timeout);
         let span = tracing::info_span!(
             "downstream",
@@ -101,7 +118,7 @@ where
             rpc.grpc.status_code = field::Empty,
             reason = field::Empty,
         );
-        let metrics = l.metrics.clone();
+        let metrics = &l.metrics;
         let attempt = async move {
             let span = tracing::Span::current();
             let budget = budget.map_err(|r| {
@@ -115,21 +132,20 @@ where
             request.extensions_mut().insert(call.tried);
             propagate(&span, request.metadata_mut());
             let started = Instant::now();
-            let (code, result) =
-                match tokio::time::timeout(budget.timeout, inner.oneshot(request)).await {
-                    Ok(Ok(response)) => (Code::Ok, Ok(response.into_inner())),
-                    Ok(Err(status)) => {
-                        let spent = Spent {
-                            caller_bound: budget.caller_bound,
-                            expired: expired(started.elapsed(), budget.timeout),
-                        };
-                        (status.code(), Err(classify(&status, spent)))
-                    }
-                    Err(_elapsed) => (
-                        Code::DeadlineExceeded,
-                        Err(Failed::because(timeout_reason(budget.caller_bound))),
-                    ),
-                };
+            let (code, result) = match tokio::time::timeout(budget.timeout, rpc(request)).await {
+                Ok(Ok(response)) => (Code::Ok, Ok(response.into_inner())),
+                Ok(Err(status)) => {
+                    let spent = Spent {
+                        caller_bound: budget.caller_bound,
+                        expired: expired(started.elapsed(), budget.timeout),
+                    };
+                    (status.code(), Err(classify(&status, spent)))
+                }
+                Err(_elapsed) => (
+                    Code::DeadlineExceeded,
+                    Err(Failed::because(timeout_reason(budget.caller_bound))),
+                ),
+            };
             let code = code_name(code);
             metrics.attempt(code, started.elapsed().as_secs_f64());
             span.record("rpc.grpc.status_code", code);
@@ -138,7 +154,7 @@ where
             }
             result
         };
-        Box::pin(attempt.instrument(span))
+        attempt.instrument(span)
     }
 }
 

@@ -31,13 +31,24 @@ impl BulkheadLayer {
     }
 }
 
+impl BulkheadLayer {
+    /// Takes a slot for one call, held until the returned guard is dropped
+    /// (however the call ends); over the cap, BULKHEAD_FULL at once.
+    pub fn enter(&self) -> Result<impl Drop + Send + use<>, Failed> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.metrics.bulkhead_rejections.inc();
+            return Err(Failed::because(Reason::BulkheadFull));
+        };
+        Ok(InUse::new(permit, &self.metrics))
+    }
+}
+
 impl<S> Layer<S> for BulkheadLayer {
     type Service = Bulkhead<S>;
     fn layer(&self, inner: S) -> Bulkhead<S> {
         Bulkhead {
             inner,
-            permits: self.permits.clone(),
-            metrics: self.metrics.clone(),
+            gate: self.clone(),
         }
     }
 }
@@ -46,14 +57,13 @@ impl<S> Layer<S> for BulkheadLayer {
 #[derive(Clone, Debug)]
 pub struct Bulkhead<S> {
     inner: S,
-    permits: Arc<Semaphore>,
-    metrics: DownstreamMetrics,
+    gate: BulkheadLayer,
 }
 
 impl<S> Bulkhead<S> {
     /// Calls in flight now.
     pub fn in_use(&self, max: usize) -> usize {
-        max - self.permits.available_permits()
+        max - self.gate.permits.available_permits()
     }
 }
 
@@ -73,16 +83,11 @@ where
     }
 
     fn call(&mut self, call: Call<M>) -> Self::Future {
-        let permit = self.permits.clone().try_acquire_owned();
+        let slot = self.gate.enter();
         let inner = self.inner.clone();
-        let metrics = self.metrics.clone();
         Box::pin(async move {
-            let Ok(permit) = permit else {
-                metrics.bulkhead_rejections.inc();
-                return Err(Failed::because(Reason::BulkheadFull));
-            };
             // Held until the call ends, however it ends (dropped included).
-            let _slot = InUse::new(permit, &metrics);
+            let _slot = slot?;
             inner.oneshot(call).await
         })
     }

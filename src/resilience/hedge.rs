@@ -4,6 +4,7 @@
 //! draws on the retry budget, so hedging adds at most that much load.
 
 use std::{
+    future::Future,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -107,15 +108,57 @@ impl HedgeLayer {
     }
 }
 
+impl HedgeLayer {
+    /// Runs `attempt` for `call`; when hedging is on and it has not
+    /// answered by the observed percentile, one more copy (see the module
+    /// docs). The first success wins; dropping the other cancels it.
+    pub async fn run<M, T, F, Fut>(&self, call: Call<M>, attempt: F) -> Result<T, Failed>
+    where
+        M: Clone,
+        F: Fn(Call<M>) -> Fut,
+        Fut: Future<Output = Result<T, Failed>>,
+    {
+        if !self.settings.enabled {
+            return attempt(call).await;
+        }
+        let (settings, latencies) = (&self.settings, &self.latencies);
+        let delay = (latencies.count() >= settings.min_samples as u64)
+            .then(|| latencies.threshold())
+            .flatten()
+            .map(|d| d.max(settings.min_delay));
+        let first = Box::pin(timed(attempt(call.clone()), latencies));
+        let Some(delay) = delay else {
+            return first.await;
+        };
+        let timer = Box::pin(tokio::time::sleep(delay));
+        let first = match select(first, timer).await {
+            Either::Left((result, _)) => return result,
+            Either::Right(((), first)) => first,
+        };
+        if !call.deadline.has_time_after(Duration::ZERO) || !self.budget.withdraw() {
+            return first.await;
+        }
+        self.metrics.hedges.inc();
+        let copy = Call {
+            hedge: true,
+            ..call
+        };
+        let second = Box::pin(timed(attempt(copy), latencies));
+        // If the first to finish failed, the other may still succeed.
+        match select(first, second).await {
+            Either::Left((Ok(v), _)) | Either::Right((Ok(v), _)) => Ok(v),
+            Either::Left((Err(_), other)) => other.await,
+            Either::Right((Err(_), other)) => other.await,
+        }
+    }
+}
+
 impl<S> Layer<S> for HedgeLayer {
     type Service = Hedge<S>;
     fn layer(&self, inner: S) -> Hedge<S> {
         Hedge {
             inner,
-            settings: self.settings.clone(),
-            latencies: self.latencies.clone(),
-            budget: self.budget.clone(),
-            metrics: self.metrics.clone(),
+            policy: self.clone(),
         }
     }
 }
@@ -124,19 +167,16 @@ impl<S> Layer<S> for HedgeLayer {
 #[derive(Clone, Debug)]
 pub struct Hedge<S> {
     inner: S,
-    settings: Arc<HedgeSettings>,
-    latencies: Arc<Latencies>,
-    budget: Arc<TpsBudget>,
-    metrics: DownstreamMetrics,
+    policy: HedgeLayer,
 }
 
 /// Runs one attempt and records its latency if the downstream answered.
-async fn timed<S, M, T>(inner: S, call: Call<M>, latencies: Arc<Latencies>) -> Result<T, Failed>
-where
-    S: Service<Call<M>, Response = T, Error = Failed>,
-{
+async fn timed<T>(
+    attempt: impl Future<Output = Result<T, Failed>>,
+    latencies: &Latencies,
+) -> Result<T, Failed> {
     let started = Instant::now();
-    let result = inner.oneshot(call).await;
+    let result = attempt.await;
     if result.is_ok() {
         latencies.record(started.elapsed());
     }
@@ -145,9 +185,9 @@ where
 
 impl<S, M, T> Service<Call<M>> for Hedge<S>
 where
-    S: Service<Call<M>, Response = T, Error = Failed> + Clone + Send + 'static,
+    S: Service<Call<M>, Response = T, Error = Failed> + Clone + Send + Sync + 'static,
     S::Future: Send,
-    M: Clone + Send + 'static,
+    M: Clone + Send + Sync + 'static,
     T: Send + 'static,
 {
     type Response = T;
@@ -159,45 +199,8 @@ where
     }
 
     fn call(&mut self, call: Call<M>) -> Self::Future {
-        let inner = self.inner.clone();
-        if !self.settings.enabled {
-            return Box::pin(inner.oneshot(call));
-        }
-        let settings = self.settings.clone();
-        let latencies = self.latencies.clone();
-        let budget = self.budget.clone();
-        let hedges = self.metrics.hedges.clone();
-        Box::pin(async move {
-            let delay = (latencies.count() >= settings.min_samples as u64)
-                .then(|| latencies.threshold())
-                .flatten()
-                .map(|d| d.max(settings.min_delay));
-            let first = Box::pin(timed(inner.clone(), call.clone(), latencies.clone()));
-            let Some(delay) = delay else {
-                return first.await;
-            };
-            let timer = Box::pin(tokio::time::sleep(delay));
-            let first = match select(first, timer).await {
-                Either::Left((result, _)) => return result,
-                Either::Right(((), first)) => first,
-            };
-            if !call.deadline.has_time_after(Duration::ZERO) || !budget.withdraw() {
-                return first.await;
-            }
-            hedges.inc();
-            let copy = Call {
-                hedge: true,
-                ..call
-            };
-            let second = Box::pin(timed(inner, copy, latencies));
-            // The first answer wins; dropping the other cancels it. If the
-            // first to finish failed, the other may still succeed.
-            match select(first, second).await {
-                Either::Left((Ok(v), _)) | Either::Right((Ok(v), _)) => Ok(v),
-                Either::Left((Err(_), other)) => other.await,
-                Either::Right((Err(_), other)) => other.await,
-            }
-        })
+        let (inner, policy) = (self.inner.clone(), self.policy.clone());
+        Box::pin(async move { policy.run(call, |c| inner.clone().oneshot(c)).await })
     }
 }
 
@@ -265,7 +268,7 @@ mod tests {
         // Warm up with fast calls only (call 0 fast; odd calls would be slow,
         // so record four fast latencies by hand).
         for _ in 0..4 {
-            svc.latencies.record(Duration::from_millis(10));
+            svc.policy.latencies.record(Duration::from_millis(10));
         }
         n.store(1, Ordering::Relaxed); // the next call is slow
         let started = Instant::now();

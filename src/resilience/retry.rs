@@ -10,6 +10,7 @@
 //! would see without retries. Hedges draw on the same budget.
 
 use std::{
+    future::Future,
     sync::Arc,
     task::{Context, Poll},
     time::Duration,
@@ -48,14 +49,51 @@ impl RetryLayer {
     }
 }
 
+impl RetryLayer {
+    /// Runs `attempt` for `call`, and again for each retry the policy
+    /// allows (see the module docs); the last attempt's result.
+    pub async fn run<M, T, F, Fut>(&self, call: Call<M>, mut attempt: F) -> Result<T, Failed>
+    where
+        M: Clone,
+        F: FnMut(Call<M>) -> Fut,
+        Fut: Future<Output = Result<T, Failed>>,
+    {
+        let (settings, budget) = (&self.settings, &self.budget);
+        budget.deposit();
+        let mut n = 1;
+        loop {
+            let this = Call {
+                attempt: n,
+                ..call.clone()
+            };
+            let result = attempt(this).await;
+            let Err(failed) = &result else {
+                return result;
+            };
+            if !failed.retryable || n >= settings.max_attempts {
+                return result;
+            }
+            let wait = match failed.pushback {
+                Pushback::Never => return result,
+                Pushback::After(d) => d,
+                Pushback::None => backoff(settings, n),
+            };
+            if !call.deadline.has_time_after(wait) || !budget.withdraw() {
+                return result;
+            }
+            tokio::time::sleep(wait).await;
+            self.metrics.retries.inc();
+            n += 1;
+        }
+    }
+}
+
 impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
     fn layer(&self, inner: S) -> Retry<S> {
         Retry {
             inner,
-            settings: self.settings.clone(),
-            budget: self.budget.clone(),
-            metrics: self.metrics.clone(),
+            policy: self.clone(),
         }
     }
 }
@@ -64,9 +102,7 @@ impl<S> Layer<S> for RetryLayer {
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
     inner: S,
-    settings: Arc<RetrySettings>,
-    budget: Arc<TpsBudget>,
-    metrics: DownstreamMetrics,
+    policy: RetryLayer,
 }
 
 /// Full-jitter backoff before retry number `retry` (1-based).
@@ -80,7 +116,7 @@ pub fn backoff(settings: &RetrySettings, retry: u32) -> Duration {
 
 impl<S, M, T> Service<Call<M>> for Retry<S>
 where
-    S: Service<Call<M>, Response = T, Error = Failed> + Clone + Send + 'static,
+    S: Service<Call<M>, Response = T, Error = Failed> + Clone + Send + Sync + 'static,
     S::Future: Send,
     M: Clone + Send + 'static,
     T: Send + 'static,
@@ -94,38 +130,8 @@ where
     }
 
     fn call(&mut self, call: Call<M>) -> Self::Future {
-        let inner = self.inner.clone();
-        let settings = self.settings.clone();
-        let budget = self.budget.clone();
-        let retries = self.metrics.retries.clone();
-        Box::pin(async move {
-            budget.deposit();
-            let mut attempt = 1;
-            loop {
-                let this = Call {
-                    attempt,
-                    ..call.clone()
-                };
-                let result = inner.clone().oneshot(this).await;
-                let Err(failed) = &result else {
-                    return result;
-                };
-                if !failed.retryable || attempt >= settings.max_attempts {
-                    return result;
-                }
-                let wait = match failed.pushback {
-                    Pushback::Never => return result,
-                    Pushback::After(d) => d,
-                    Pushback::None => backoff(&settings, attempt),
-                };
-                if !call.deadline.has_time_after(wait) || !budget.withdraw() {
-                    return result;
-                }
-                tokio::time::sleep(wait).await;
-                retries.inc();
-                attempt += 1;
-            }
-        })
+        let (inner, policy) = (self.inner.clone(), self.policy.clone());
+        Box::pin(async move { policy.run(call, |c| inner.clone().oneshot(c)).await })
     }
 }
 

@@ -20,7 +20,9 @@ use opentelemetry_sdk::{
     propagation::TraceContextPropagator,
     trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider},
 };
-use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer, filter::FilterExt, layer::SubscriberExt, util::SubscriberInitExt,
+};
 
 use crate::config::{LogFormat, TelemetrySettings};
 
@@ -75,7 +77,21 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
             .with_writer(std::io::stderr)
             .boxed(),
     }
-    .with_filter(filter);
+    // Events only: the log layer never sees spans, so a span costs nothing
+    // unless traces are exported (formatting every span's fields for logs
+    // cost more than the rest of an RPC's telemetry); every line in the
+    // request path carries the ids it needs itself (`rpc::observe`).
+    .with_filter({
+        // The hint keeps tracing's level fast path (without it the combined
+        // filter's hint is "any level", and every trace! in h2 and hyper
+        // is looked at).
+        let hint = filter.max_level_hint();
+        let events = tracing_subscriber::filter::filter_fn(|m| m.is_event());
+        filter.and(match hint {
+            Some(level) => events.with_max_level_hint(level),
+            None => events,
+        })
+    });
 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = settings
