@@ -107,7 +107,9 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
     });
     tracing_subscriber::registry()
         .with(logs)
-        .with(traces)
+        // A Vec, not an Option: an empty Option layer declares interest in
+        // every callsite, which made every span live without an exporter.
+        .with(traces.into_iter().collect::<Vec<_>>())
         .try_init()
         .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?;
     Ok(Telemetry { provider })
