@@ -55,8 +55,9 @@
 //! - [`error`]: the request error type and its single mapping to
 //!   `tonic::Status` with `google.rpc` details, bounded in size.
 //! - [`component`]: the components of the aggregates and read-mask parsing.
-//! - [`pb`]: code generated from `proto/`, the reflection descriptors and the
-//!   methods they define.
+//! - [`pb`]: code generated from `proto/` (with `pb::LeanCodec`, tonic's
+//!   prost codec with a small encode buffer), the reflection descriptors and
+//!   the methods they define.
 
 #![warn(missing_docs)]
 

@@ -1,11 +1,13 @@
 //! The resilience layers every downstream call passes through, one module
-//! each. They are composed, in order and with a comment per layer, in
+//! each. They run, in order and with a comment per step, in
 //! [`crate::downstream::stack`].
 //!
-//! Every layer is a `tower::Service<Call<M>>` returning the downstream's
-//! response or a [`Failed`]. Layers reject with a reason instead of queueing,
-//! and never panic; their futures are boxed `async` blocks (no hand-written
-//! futures needed for layers this small).
+//! Each module's step is a function over the next step (`BulkheadLayer::enter`,
+//! `RetryLayer::run`, `HedgeLayer::run`, `Breaker::guard`, `AttemptLayer::run`),
+//! which the flattened stack calls directly; each is also a
+//! `tower::Service<Call<M>>` layer over the same function, returning the
+//! downstream's response or a [`Failed`], for use and tests as a tower
+//! stack. Steps reject with a reason instead of queueing, and never panic.
 
 pub mod attempt;
 pub mod breaker;

@@ -105,11 +105,13 @@ pub fn init(settings: &TelemetrySettings) -> Result<Telemetry, TelemetryError> {
             .with_tracer(p.tracer("bfb"))
             .with_filter(EnvFilter::new("bfb=info"))
     });
+    // One list of filtered layers, not `.with(Option<layer>)`: an absent
+    // (`None`) layer declares interest in every callsite, which made every
+    // span live without an exporter (docs/performance.md).
+    let mut layers = vec![logs.boxed()];
+    layers.extend(traces.map(Layer::boxed));
     tracing_subscriber::registry()
-        .with(logs)
-        // A Vec, not an Option: an empty Option layer declares interest in
-        // every callsite, which made every span live without an exporter.
-        .with(traces.into_iter().collect::<Vec<_>>())
+        .with(layers)
         .try_init()
         .map_err(|e| TelemetryError::AlreadySet(e.to_string()))?;
     Ok(Telemetry { provider })
