@@ -46,7 +46,7 @@ use tonic::{Request, Response, Status, transport::Channel};
 mod common;
 
 use common::{
-    BFB, Boxed, channel, cpu_time, env_or, rss_kib, sim_in_flight, spawn_program, start_bfb_from,
+    BFB, Boxed, channel, cpu_time, env_or, per_call_kib, rss_kib, spawn_program, start_bfb_from,
     start_sim,
 };
 
@@ -366,49 +366,6 @@ async fn p50(t: &Target, n: u64) -> Result<f64, Boxed> {
     }
     took.sort_by(f64::total_cmp);
     Ok(took[took.len() / 2])
-}
-
-/// RSS growth per call with `n` calls held at a slow sim (counted there),
-/// 100 calls per client connection.
-async fn per_call_kib(
-    server: &Child,
-    addr: SocketAddr,
-    sim: SocketAddr,
-    n: u64,
-) -> Result<f64, Boxed> {
-    let idle = rss_kib(server);
-    let mut clients = Vec::new();
-    for _ in 0..n.div_ceil(100) {
-        clients.push(CustomerAggregateServiceClient::new(channel(addr).await?));
-    }
-    let start = sim_in_flight(sim).await?;
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let mut c = clients[(i / 100) as usize].clone();
-        tasks.push(tokio::spawn(async move {
-            let mut r = Request::new(get(i));
-            r.set_timeout(Duration::from_secs(30));
-            c.get_customer(r).await.map(drop)
-        }));
-    }
-    let until = Instant::now() + Duration::from_secs(30);
-    loop {
-        let seen = sim_in_flight(sim).await?;
-        if seen >= start + 4 * n {
-            break;
-        }
-        if Instant::now() > until {
-            return Err(
-                format!("only {seen} of {} downstream calls reached the sim", 4 * n).into(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let busy = rss_kib(server);
-    for t in tasks {
-        t.await??;
-    }
-    Ok(busy.saturating_sub(idle) as f64 / n as f64)
 }
 
 /// min / median / max.

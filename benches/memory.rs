@@ -17,55 +17,16 @@ use std::{net::SocketAddr, time::Duration};
 use bfb::pb::bfb::customer::v1::{
     GetCustomerRequest, customer_aggregate_service_client::CustomerAggregateServiceClient,
 };
-use tokio::process::Child;
 
 mod common;
 
-use common::{Boxed, channel, rss_kib, sim_in_flight, start_bfb, start_sim};
+use common::{Boxed, channel, per_call_kib, start_bfb, start_sim};
 
 fn get(i: u64) -> GetCustomerRequest {
     GetCustomerRequest {
         customer_id: format!("c-{}", i % 10_000 + 1),
         ..Default::default()
     }
-}
-
-/// Holds `n` slow GetCustomer in flight; returns bfb's RSS growth per call
-/// in KiB, then lets them finish.
-async fn per_call(bfb: &Child, addr: SocketAddr, sim: SocketAddr, n: u64) -> Result<f64, Boxed> {
-    let idle = rss_kib(bfb);
-    // 100 calls per connection, as a client fleet would spread them.
-    let mut clients = Vec::new();
-    for _ in 0..n.div_ceil(100) {
-        clients.push(CustomerAggregateServiceClient::new(channel(addr).await?));
-    }
-    let mut tasks = Vec::new();
-    for i in 0..n {
-        let mut c = clients[(i / 100) as usize].clone();
-        tasks.push(tokio::spawn(async move {
-            let mut req = tonic::Request::new(get(i));
-            req.set_timeout(Duration::from_secs(20));
-            c.get_customer(req).await.map(drop)
-        }));
-    }
-    let until = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let seen = sim_in_flight(sim).await?;
-        if seen >= 4 * n {
-            break;
-        }
-        if tokio::time::Instant::now() > until {
-            return Err(
-                format!("only {seen} of {} downstream calls reached the sim", 4 * n).into(),
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let busy = rss_kib(bfb);
-    for t in tasks {
-        t.await??;
-    }
-    Ok(busy.saturating_sub(idle) as f64 / n as f64)
 }
 
 async fn dbsize(redis: SocketAddr) -> Result<u64, Boxed> {
@@ -138,14 +99,14 @@ async fn main() -> Result<(), Boxed> {
     })
     .await?;
     // Warm the connections and the allocator's arenas first.
-    per_call(&bfb, addr, sim, 100).await?;
+    per_call_kib(&bfb, addr, sim, 100).await?;
     println!("memory per in-flight GetCustomer (4 downstream calls each), bfb VmRSS growth:");
     for n in [500, big] {
         // The first time a concurrency is reached, bfb opens connections
         // and the allocator grows its arenas; the second time shows what
         // each call holds.
-        let first = per_call(&bfb, addr, sim, n).await?;
-        let again = per_call(&bfb, addr, sim, n).await?;
+        let first = per_call_kib(&bfb, addr, sim, n).await?;
+        let again = per_call_kib(&bfb, addr, sim, n).await?;
         println!(
             "  {n:>5} in flight: first time {first:.1} KiB per call, again {again:.1} KiB per call"
         );

@@ -3,7 +3,15 @@
 
 #![allow(dead_code)]
 
-use std::{net::SocketAddr, process::Stdio, time::Instant};
+use std::{
+    net::SocketAddr,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use bfb::pb::bfb::customer::v1::{
+    GetCustomerRequest, customer_aggregate_service_client::CustomerAggregateServiceClient,
+};
 
 use hdrhistogram::Histogram;
 use tokio::{
@@ -216,4 +224,51 @@ pub fn row(name: &str, h: &Histogram<u64>) {
         h.value_at_quantile(0.999),
         h.len()
     );
+}
+
+/// RSS growth per call (KiB) of `server` with `n` GetCustomer held at a
+/// slow sim (all 4n downstream calls counted there, not guessed with a
+/// sleep), 100 calls per client connection; then lets them finish.
+pub async fn per_call_kib(
+    server: &Child,
+    addr: SocketAddr,
+    sim: SocketAddr,
+    n: u64,
+) -> Result<f64, Boxed> {
+    let idle = rss_kib(server);
+    let mut clients = Vec::new();
+    for _ in 0..n.div_ceil(100) {
+        clients.push(CustomerAggregateServiceClient::new(channel(addr).await?));
+    }
+    let start = sim_in_flight(sim).await?;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let mut c = clients[(i / 100) as usize].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut r = tonic::Request::new(GetCustomerRequest {
+                customer_id: format!("c-{}", i % 10_000 + 1),
+                ..Default::default()
+            });
+            r.set_timeout(Duration::from_secs(30));
+            c.get_customer(r).await.map(drop)
+        }));
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let seen = sim_in_flight(sim).await?;
+        if seen >= start + 4 * n {
+            break;
+        }
+        if Instant::now() > until {
+            return Err(
+                format!("only {seen} of {} downstream calls reached the sim", 4 * n).into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let busy = rss_kib(server);
+    for t in tasks {
+        t.await??;
+    }
+    Ok(busy.saturating_sub(idle) as f64 / n as f64)
 }
