@@ -216,7 +216,7 @@ impl Engine {
         let needed = job.needed.contains(component);
         // Boxed: the cache's path (in-process and Redis lookups, coalescing)
         // would otherwise make every component's future, cached or not, as
-        // large as its biggest await (`api::tests::future_sizes`).
+        // large as its biggest await (`api::customer_v1::future_sizes`).
         Box::pin(
             self.cache
                 .fetch(key, job.policy, needed, job.deadline, live),

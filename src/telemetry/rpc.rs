@@ -1,8 +1,8 @@
 //! Around every inbound RPC: a server span parented on the caller's W3C
 //! trace context, the `x-request-id` (accepted or generated, returned, logged
 //! and passed downstream), one log line (info when failed or degraded, debug
-//! otherwise), and the RPC metrics. And the
-//! carriers that move trace context and request id through gRPC metadata.
+//! otherwise), and the RPC metrics. And the carriers that move trace context
+//! and request id through gRPC metadata.
 
 use std::{
     future::Future,
@@ -266,7 +266,6 @@ where
         tally: tally.clone(),
     };
     let scoped = CURRENT.scope(context, f).instrument(span.clone());
-    let consumer = consumer.clone();
     // A combinator, not an `async` block: a block would keep `scoped` twice
     // (as captured, and as awaited).
     futures::FutureExt::map(scoped, move |result| {
@@ -276,7 +275,7 @@ where
             (method, started),
             (&span, &tally),
             request_id,
-            &consumer,
+            consumer,
         )
     })
 }
