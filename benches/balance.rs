@@ -31,6 +31,7 @@ use bfb::{
     downstream::{
         balance::{Balanced, Connector, Pool, PoolSettings},
         discovery::{self, Source},
+        transport,
     },
     pb::downstream::profile::v1::{
         GetProfileRequest, profile_service_client::ProfileServiceClient,
@@ -70,11 +71,7 @@ impl Client {
 }
 
 fn balanced(addrs: &[SocketAddr], metrics: &Arc<Metrics>) -> Client {
-    let connector: Connector = Arc::new(|addr| {
-        Endpoint::from_shared(format!("http://{addr}"))
-            .ok()
-            .map(|e| e.tcp_nodelay(true))
-    });
+    let connector: Connector = Arc::new(transport::Connector::plain(Duration::from_secs(1)));
     let pool = Arc::new(Pool::new(
         format!("bench-{}", addrs.len()),
         PoolSettings {

@@ -5,7 +5,7 @@
 //! endpoint can take a call.
 //!
 //! [`Balanced`] is the `tower::Service` the typed tonic clients run over, in
-//! place of one `Channel`. Why not tower's `balance::p2c::Balance` with
+//! place of one `Channel`; its connections are [`super::transport`]'s. Why not tower's `balance::p2c::Balance` with
 //! `load::PeakEwma` (or tonic's `balance_channel` built on them): `Balance`
 //! takes `&mut self` to pick, so sharing it needs a `Buffer` task (one more
 //! channel hop and task per call); it waits, rather than fails, while no
@@ -33,9 +33,12 @@ use futures::future::BoxFuture;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use rand::Rng;
 use tokio::{sync::Notify, time::Instant};
-use tonic::{body::Body, transport::Channel};
+use tonic::body::Body;
 
-use super::discovery::FirstResolution;
+use super::{
+    discovery::FirstResolution,
+    transport::{Connection, SendError},
+};
 use crate::{
     config::EjectionSettings,
     resilience::{
@@ -66,9 +69,8 @@ pub struct PoolSettings {
     pub max_connections_per_endpoint: Option<usize>,
 }
 
-/// How an endpoint's connections are made: a tonic endpoint (TLS,
-/// timeouts, keepalive) for an address.
-pub type Connector = Arc<dyn Fn(SocketAddr) -> Option<tonic::transport::Endpoint> + Send + Sync>;
+/// How an endpoint's connections are made (TLS, timeouts, keepalive).
+pub type Connector = Arc<super::transport::Connector>;
 
 /// The endpoints of one downstream (or of several sharing them).
 pub struct Pool {
@@ -144,7 +146,7 @@ struct EndpointState {
 }
 
 struct Conn {
-    channel: Channel,
+    connection: Arc<Connection>,
     streams: Arc<AtomicUsize>,
 }
 
@@ -494,7 +496,7 @@ impl Endpoint {
     /// the fewest streams in flight, or a new one when all of them are at
     /// the cap and the endpoint may have more. Counted under the lock, so a
     /// burst of calls does not all see the same connection as empty.
-    fn connection(&self, pool: &Pool) -> Option<(Channel, Arc<AtomicUsize>)> {
+    fn connection(&self, pool: &Pool) -> Option<(Arc<Connection>, Arc<AtomicUsize>)> {
         let mut conns = self.conns.lock().ok()?;
         let least = conns
             .iter()
@@ -510,9 +512,8 @@ impl Endpoint {
             }
             _ => {
                 // Lazy: the connection is made by the first call over it.
-                let channel = (pool.connector)(self.addr)?.connect_lazy();
                 conns.push(Conn {
-                    channel,
+                    connection: Arc::new(Connection::new(self.addr, pool.connector.clone())),
                     streams: Arc::default(),
                 });
                 pool.connections.inc();
@@ -521,7 +522,7 @@ impl Endpoint {
         };
         let c = &conns[index];
         c.streams.fetch_add(1, Ordering::Relaxed);
-        Some((c.channel.clone(), c.streams.clone()))
+        Some((c.connection.clone(), c.streams.clone()))
     }
 }
 
@@ -640,10 +641,10 @@ impl tower::Service<http::Request<Body>> for Balanced {
         let now = Instant::now();
         let avoid = tried.as_ref().map_or(0, Tried::last);
         let picked = self.pool.pick(avoid, now).and_then(|e| {
-            let (channel, streams) = e.connection(&self.pool)?;
-            Some((e, channel, streams))
+            let (connection, streams) = e.connection(&self.pool)?;
+            Some((e, connection, streams))
         });
-        let Some((endpoint, channel, streams)) = picked else {
+        let Some((endpoint, connection, streams)) = picked else {
             return Box::pin(std::future::ready(Err(NoEndpoints.into())));
         };
         if let Some(t) = &tried {
@@ -659,7 +660,7 @@ impl tower::Service<http::Request<Body>> for Balanced {
             outcome: None,
         };
         Box::pin(async move {
-            let result = tower::ServiceExt::oneshot(channel, request).await;
+            let result = connection.send(request).await;
             let outcome = match &result {
                 Ok(response) => match response.headers().get("grpc-status") {
                     // UNAVAILABLE in a trailers-only answer: the server says
@@ -667,16 +668,21 @@ impl tower::Service<http::Request<Body>> for Balanced {
                     Some(code) if code == "14" => Outcome::Failure { unreachable: false },
                     _ => Outcome::Success,
                 },
-                Err(e) => Outcome::Failure {
+                Err(SendError::Transport(e)) => Outcome::Failure {
                     unreachable: refused(e),
                 },
+                Err(SendError::Status(_)) => Outcome::Failure { unreachable: false },
             };
             guard.outcome = Some(outcome);
             if let Outcome::Failure { unreachable: true } = outcome {
                 guard.pool.resolve_now.notify_one();
             }
             drop(guard);
-            result.map_err(BoxError::from)
+            result.map_err(|e| match e {
+                // tonic's client takes a status as it is.
+                SendError::Status(status) => BoxError::from(status),
+                SendError::Transport(e) => BoxError::from(e),
+            })
         })
     }
 }
@@ -712,8 +718,9 @@ mod tests {
             max_streams_per_connection: 2,
             max_connections_per_endpoint: Some(2),
         };
-        let connector: Connector =
-            Arc::new(|addr| tonic::transport::Endpoint::from_shared(format!("http://{addr}")).ok());
+        let connector: Connector = Arc::new(super::super::transport::Connector::plain(
+            Duration::from_secs(1),
+        ));
         let p = Pool::new("t".into(), settings, connector, &Arc::new(Metrics::new()));
         let addrs: Vec<SocketAddr> = (1..=n).map(|i| ([10, 0, 0, i], 80).into()).collect();
         p.update(&addrs);

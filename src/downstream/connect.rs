@@ -7,18 +7,20 @@
 //! connection settings, since HTTP/2 multiplexes their calls; the
 //! resilience stacks stay per downstream.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc};
 
-use tonic::{
-    metadata::{Ascii, MetadataValue},
-    transport::{Certificate, ClientTlsConfig, Endpoint, Identity},
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use tokio_rustls::{
+    TlsConnector,
+    rustls::{ClientConfig, RootCertStore},
 };
+use tonic::metadata::{Ascii, MetadataValue};
 
 use super::{
     BatchDownstreams, Downstream, Downstreams,
     balance::{Balanced, Connector, Pool, PoolSettings},
     discovery::{self, Resolver, Source},
-    stack,
+    stack, transport,
 };
 use crate::{
     component::Component,
@@ -42,14 +44,6 @@ pub enum EndpointError {
     /// The config has no section for it.
     #[error("downstream {0}: no section in config")]
     Missing(Component),
-    /// Its endpoint is not a usable URI.
-    #[error("downstream {component}: invalid endpoint: {source}")]
-    Invalid {
-        /// The downstream.
-        component: Component,
-        /// What tonic said.
-        source: tonic::transport::Error,
-    },
     /// Its names cannot be resolved (no usable resolver configuration).
     #[error("downstream {component}: {message}")]
     Discovery {
@@ -268,30 +262,52 @@ fn service_token(
         .map_err(|_| fail("token_file holds characters not allowed in a header".into()))
 }
 
-/// The tonic TLS config of a downstream's `tls` section (files read now).
+/// The TLS connector of a downstream's `tls` section (files read now) and
+/// the name its certificates are checked against: `server_name`, or the
+/// endpoint's host.
 fn client_tls(
     component: Component,
     endpoint: &str,
     tls: &DownstreamTls,
-) -> Result<ClientTlsConfig, EndpointError> {
+) -> Result<(TlsConnector, ServerName<'static>), EndpointError> {
+    let fail = |message: String| EndpointError::Credentials { component, message };
     let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| EndpointError::Credentials {
-            component,
-            message: format!("cannot read {}: {e}", path.display()),
-        })
+        std::fs::read(path).map_err(|e| fail(format!("cannot read {}: {e}", path.display())))
     };
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read(&tls.ca)?) {
+        let ca = ca.map_err(|e| fail(format!("tls.ca: {e}")))?;
+        roots.add(ca).map_err(|e| fail(format!("tls.ca: {e}")))?;
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| fail(e.to_string()))?
+    .with_root_certificates(roots);
+    let mut config = match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| fail(format!("tls.cert: {e}")))?;
+            let key = PrivateKeyDer::from_pem_slice(&read(key)?)
+                .map_err(|e| fail(format!("tls.key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| fail(format!("tls.cert/tls.key: {e}")))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
     let host = endpoint
         .parse::<http::Uri>()
         .ok()
         .and_then(|u| u.host().map(str::to_string))
         .unwrap_or_default();
-    let mut config = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
-        .domain_name(tls.server_name.clone().unwrap_or(host));
-    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-        config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
-    }
-    Ok(config)
+    let name = tls.server_name.clone().unwrap_or(host);
+    let name = ServerName::try_from(name.trim_matches(['[', ']']).to_string())
+        .map_err(|e| fail(format!("tls.server_name {name:?}: {e}")))?;
+    Ok((TlsConnector::from(Arc::new(config)), name))
 }
 
 /// The balancer pools, one per distinct endpoint list and connection
@@ -392,34 +408,19 @@ fn connector(
     sources: &[Source],
 ) -> Result<Connector, EndpointError> {
     let first = targets.first().copied().unwrap_or_default();
-    let tls = s
-        .tls
-        .as_ref()
-        .map(|t| client_tls(component, first, t))
-        .transpose()?;
     // A single host name is the :authority of every call, as if connected
     // by name; addresses speak for themselves.
     let origin = match (targets, sources) {
-        ([one], [Source::Host { .. }]) => one.parse::<http::Uri>().ok(),
+        ([one], [Source::Host { .. }]) => one
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.authority().cloned()),
         _ => None,
     };
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let connect_timeout = s.connect_timeout;
-    let make = move |addr: SocketAddr| -> Result<Endpoint, tonic::transport::Error> {
-        let mut e = Endpoint::from_shared(format!("{scheme}://{addr}"))?;
-        if let Some(tls) = &tls {
-            e = e.tls_config(tls.clone())?;
-        }
-        if let Some(origin) = &origin {
-            e = e.origin(origin.clone());
-        }
-        Ok(e.connect_timeout(connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10))
-            .keep_alive_while_idle(false))
-    };
-    make(SocketAddr::from(([127, 0, 0, 1], 1)))
-        .map_err(|source| EndpointError::Invalid { component, source })?;
-    Ok(Arc::new(move |addr| make(addr).ok()))
+    let mut c = transport::Connector::plain(s.connect_timeout).origin(origin);
+    if let Some(tls) = &s.tls {
+        let (tls, name) = client_tls(component, first, tls)?;
+        c = c.tls(tls, name);
+    }
+    Ok(Arc::new(c))
 }

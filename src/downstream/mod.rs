@@ -11,6 +11,7 @@ mod connect;
 pub mod discovery;
 pub mod loader;
 pub mod stack;
+pub mod transport;
 
 use std::{collections::HashMap, sync::Arc};
 
