@@ -4,10 +4,11 @@
 //!
 //! - `channel`: one plain tonic `Channel` to one sim (what bfb did before it
 //!   balanced: one connection per downstream);
-//! - `balanced-1`: bfb's `Balanced` over a pool of that one endpoint;
+//! - `balanced-1`: bfb's downstream call (`Unary` over `Balanced`) over a
+//!   pool of that one endpoint;
 //! - `round-robin-3`: three plain `Channel`s, one per sim, taken in turn
 //!   (spreading without any load measure);
-//! - `balanced-3`: `Balanced` over the three sims (p2c over peak-EWMA).
+//! - `balanced-3`: the same over the three sims (p2c over peak-EWMA).
 //!
 //! `balanced-1` against `channel` is the cost of the balancer's bookkeeping;
 //! `balanced-3` against `round-robin-3` the cost of choosing by load rather
@@ -32,9 +33,10 @@ use bfb::{
         balance::{Balanced, Connector, Pool, PoolSettings},
         discovery::{self, Source},
         transport,
+        unary::Unary,
     },
     pb::downstream::profile::v1::{
-        GetProfileRequest, profile_service_client::ProfileServiceClient,
+        GetProfileRequest, GetProfileResponse, profile_service_client::ProfileServiceClient,
     },
     telemetry::metrics::Metrics,
 };
@@ -51,7 +53,7 @@ enum Client {
         Vec<ProfileServiceClient<Channel>>,
         Arc<std::sync::atomic::AtomicUsize>,
     ),
-    Balanced(ProfileServiceClient<Balanced>),
+    Balanced(Arc<Unary<GetProfileRequest, GetProfileResponse>>),
 }
 
 impl Client {
@@ -65,7 +67,7 @@ impl Client {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % all.len();
                 all[i].clone().get_profile(req).await.map(drop)
             }
-            Client::Balanced(c) => c.get_profile(req).await.map(drop),
+            Client::Balanced(c) => c.call(tonic::Request::new(req)).await.map(drop),
         }
     }
 }
@@ -91,7 +93,12 @@ fn balanced(addrs: &[SocketAddr], metrics: &Arc<Metrics>) -> Client {
         DiscoverySettings::default(),
         metrics.clone(),
     );
-    Client::Balanced(ProfileServiceClient::new(Balanced::new(pool)))
+    Client::Balanced(Arc::new(Unary::new(
+        Balanced::new(pool),
+        "/downstream.profile.v1.ProfileService/GetProfile",
+        4 << 20,
+        None,
+    )))
 }
 
 /// Closed loop at `concurrency` for `secs`: (client CPU µs per call, calls/s).

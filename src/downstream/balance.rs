@@ -4,9 +4,10 @@
 //! endpoint that follow the load, and an immediate `NO_ENDPOINTS` when no
 //! endpoint can take a call.
 //!
-//! [`Balanced`] is the `tower::Service` the typed tonic clients run over, in
-//! place of one `Channel`; its connections are [`super::transport`]'s. Why not tower's `balance::p2c::Balance` with
-//! `load::PeakEwma` (or tonic's `balance_channel` built on them): `Balance`
+//! [`Balanced`] sends each downstream call ([`super::unary`]) to the
+//! endpoint it picks, over [`super::transport`]'s connections. Why not
+//! tower's `balance::p2c::Balance` with `load::PeakEwma` (or tonic's
+//! `balance_channel` built on them): `Balance`
 //! takes `&mut self` to pick, so sharing it needs a `Buffer` task (one more
 //! channel hop and task per call); it waits, rather than fails, while no
 //! endpoint is ready (calls hang until their deadline); it cannot send a
@@ -29,15 +30,16 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use futures::future::BoxFuture;
+use bytes::Bytes;
+use futures::future::{Either, FutureExt};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use rand::Rng;
 use tokio::{sync::Notify, time::Instant};
-use tonic::body::Body;
+use tonic::Status;
 
 use super::{
     discovery::FirstResolution,
-    transport::{Connection, SendError},
+    transport::{Answer, Connection, SendError},
 };
 use crate::{
     config::EjectionSettings,
@@ -599,7 +601,7 @@ impl Drop for InFlight {
     }
 }
 
-/// The balanced transport a downstream's tonic client runs over.
+/// A downstream's calls spread over its pool's endpoints.
 #[derive(Clone)]
 pub struct Balanced {
     pool: Arc<Pool>,
@@ -612,42 +614,42 @@ impl Balanced {
     }
 }
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-impl tower::Service<http::Request<Body>> for Balanced {
-    type Response = http::Response<Body>;
-    type Error = BoxError;
-    type Future = BoxFuture<'static, Result<http::Response<Body>, BoxError>>;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), BoxError>> {
-        // Picking happens per call: readiness is decided then, never waited on.
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+impl Balanced {
+    /// Sends a request (see [`Connection::send`]) to the endpoint the pool
+    /// picks, avoiding the one `tried` names (a retry or hedge's previous
+    /// attempt) while another can take it, and records the outcome.
+    ///
+    /// Not an `async fn`, for the reason [`Connection::send`] gives: the
+    /// endpoint is picked and the request written before it returns.
+    pub fn send(
+        &self,
+        tried: Option<&Tried>,
+        head: http::request::Parts,
+        body: Bytes,
+    ) -> impl Future<Output = Result<Answer, SendError>> + Send + use<> {
         if !self.pool.first.is_done() {
             // Names not resolved yet (just started): wait for the first
             // answer, within the attempt's timeout, rather than fail.
-            let mut this = self.clone();
-            return Box::pin(async move {
-                this.pool.first.wait().await;
-                this.call(request).await
-            });
+            let (this, tried) = (self.clone(), tried.cloned());
+            return Either::Left(
+                async move {
+                    this.pool.first.wait().await;
+                    this.send(tried.as_ref(), head, body).await
+                }
+                .boxed(),
+            );
         }
-        let tried = request.extensions().get::<Tried>().cloned();
         let now = Instant::now();
-        let avoid = tried.as_ref().map_or(0, Tried::last);
+        let avoid = tried.map_or(0, Tried::last);
         let picked = self.pool.pick(avoid, now).and_then(|e| {
             let (connection, streams) = e.connection(&self.pool)?;
             Some((e, connection, streams))
         });
         let Some((endpoint, connection, streams)) = picked else {
-            return Box::pin(std::future::ready(Err(NoEndpoints.into())));
+            let none = SendError::Status(Status::from_error(Box::new(NoEndpoints)));
+            return Either::Right(Either::Left(std::future::ready(Err(none))));
         };
-        if let Some(t) = &tried {
+        if let Some(t) = tried {
             t.set(endpoint.id);
         }
         endpoint.calls.inc();
@@ -659,10 +661,11 @@ impl tower::Service<http::Request<Body>> for Balanced {
             started: now,
             outcome: None,
         };
-        Box::pin(async move {
-            let result = connection.send(request).await;
+        let sent = connection.send(head, body);
+        Either::Right(Either::Right(async move {
+            let result = sent.await;
             let outcome = match &result {
-                Ok(response) => match response.headers().get("grpc-status") {
+                Ok(answer) => match answer.head.headers.get("grpc-status") {
                     // UNAVAILABLE in a trailers-only answer: the server says
                     // it cannot serve.
                     Some(code) if code == "14" => Outcome::Failure { unreachable: false },
@@ -677,13 +680,8 @@ impl tower::Service<http::Request<Body>> for Balanced {
             if let Outcome::Failure { unreachable: true } = outcome {
                 guard.pool.resolve_now.notify_one();
             }
-            drop(guard);
-            result.map_err(|e| match e {
-                // tonic's client takes a status as it is.
-                SendError::Status(status) => BoxError::from(status),
-                SendError::Transport(e) => BoxError::from(e),
-            })
-        })
+            result
+        }))
     }
 }
 

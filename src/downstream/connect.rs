@@ -9,32 +9,23 @@
 
 use std::{collections::HashMap, sync::Arc};
 
+use http::HeaderValue;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use tokio_rustls::{
     TlsConnector,
     rustls::{ClientConfig, RootCertStore},
 };
-use tonic::metadata::{Ascii, MetadataValue};
 
 use super::{
     BatchDownstreams, Downstream, Downstreams,
     balance::{Balanced, Connector, Pool, PoolSettings},
     discovery::{self, Resolver, Source},
     stack, transport,
+    unary::Unary,
 };
 use crate::{
     component::Component,
     config::{Config, DownstreamSettings, DownstreamTls},
-    pb::downstream::{
-        calls::v1::calls_service_client::CallsServiceClient,
-        directory::v1::directory_service_client::DirectoryServiceClient,
-        emails::v1::emails_service_client::EmailsServiceClient,
-        favorites::v1::favorites_service_client::FavoritesServiceClient,
-        orders::v1::orders_service_client::OrdersServiceClient,
-        profile::v1::profile_service_client::ProfileServiceClient,
-        reviews::v1::reviews_service_client::ReviewsServiceClient,
-        sms::v1::sms_service_client::SmsServiceClient,
-    },
     telemetry::metrics::Metrics,
 };
 
@@ -62,28 +53,21 @@ pub enum EndpointError {
     },
 }
 
-/// Builds each downstream's typed client over a shared channel and wraps it
-/// in the stack. A macro because the eight differ only in types and method.
+/// Builds one downstream method's unary call over its pool and wraps it in
+/// the stack. A macro because they differ only in types and path.
 macro_rules! downstream {
-    ($channels:expr, $config:expr, $metrics:expr, $component:expr, $client:ident, $method:ident, $rpc:literal) => {{
+    ($pools:expr, $config:expr, $metrics:expr, $component:expr, $rpc:literal) => {{
         let settings = $config
             .downstream($component)
             .ok_or(EndpointError::Missing($component))?;
-        let channel = $channels.get($component, settings, $config, $metrics)?;
-        // Behind an Arc: every layer clones the stack below it per call, and
-        // a tonic client is not cheap to clone; it is cloned once per attempt.
-        let client = Arc::new(
-            $client::new(channel)
-                .max_decoding_message_size($config.server.max_downstream_response_bytes),
-        );
-        let token = service_token($component, settings)?;
-        let rpc = tower::service_fn(move |mut request: tonic::Request<_>| {
-            if let Some(t) = &token {
-                request.metadata_mut().insert("authorization", t.clone());
-            }
-            let mut client = $client::clone(&client);
-            async move { client.$method(request).await }
-        });
+        let balanced = $pools.get($component, settings, $config, $metrics)?;
+        let unary = Arc::new(Unary::new(
+            balanced,
+            concat!("/", $rpc),
+            $config.server.max_downstream_response_bytes,
+            service_token($component, settings)?,
+        ));
+        let rpc = tower::service_fn(move |request: tonic::Request<_>| unary.call(request));
         let stack = stack::build($component, $rpc, settings, $metrics, rpc);
         Downstream { stack }
     }};
@@ -104,8 +88,6 @@ impl Downstreams {
                 config,
                 m,
                 Component::Profile,
-                ProfileServiceClient,
-                get_profile,
                 "downstream.profile.v1.ProfileService/GetProfile"
             ),
             favorites: downstream!(
@@ -113,8 +95,6 @@ impl Downstreams {
                 config,
                 m,
                 Component::Favorites,
-                FavoritesServiceClient,
-                list_favorites,
                 "downstream.favorites.v1.FavoritesService/ListFavorites"
             ),
             reviews: downstream!(
@@ -122,8 +102,6 @@ impl Downstreams {
                 config,
                 m,
                 Component::Reviews,
-                ReviewsServiceClient,
-                list_reviews,
                 "downstream.reviews.v1.ReviewsService/ListReviews"
             ),
             orders: downstream!(
@@ -131,8 +109,6 @@ impl Downstreams {
                 config,
                 m,
                 Component::Orders,
-                OrdersServiceClient,
-                list_orders,
                 "downstream.orders.v1.OrdersService/ListOrders"
             ),
             calls: downstream!(
@@ -140,8 +116,6 @@ impl Downstreams {
                 config,
                 m,
                 Component::Calls,
-                CallsServiceClient,
-                list_calls,
                 "downstream.calls.v1.CallsService/ListCalls"
             ),
             emails: downstream!(
@@ -149,8 +123,6 @@ impl Downstreams {
                 config,
                 m,
                 Component::Emails,
-                EmailsServiceClient,
-                list_emails,
                 "downstream.emails.v1.EmailsService/ListEmails"
             ),
             sms: downstream!(
@@ -158,8 +130,6 @@ impl Downstreams {
                 config,
                 m,
                 Component::Sms,
-                SmsServiceClient,
-                list_sms,
                 "downstream.sms.v1.SmsService/ListSms"
             ),
             directory: downstream!(
@@ -167,8 +137,6 @@ impl Downstreams {
                 config,
                 m,
                 Component::Directory,
-                DirectoryServiceClient,
-                batch_get_contacts,
                 "downstream.directory.v1.DirectoryService/BatchGetContacts"
             ),
             batch: BatchDownstreams {
@@ -177,8 +145,6 @@ impl Downstreams {
                     config,
                     m,
                     Component::Profile,
-                    ProfileServiceClient,
-                    batch_get_profiles,
                     "downstream.profile.v1.ProfileService/BatchGetProfiles"
                 ),
                 favorites: downstream!(
@@ -186,8 +152,6 @@ impl Downstreams {
                     config,
                     m,
                     Component::Favorites,
-                    FavoritesServiceClient,
-                    batch_list_favorites,
                     "downstream.favorites.v1.FavoritesService/BatchListFavorites"
                 ),
                 reviews: downstream!(
@@ -195,8 +159,6 @@ impl Downstreams {
                     config,
                     m,
                     Component::Reviews,
-                    ReviewsServiceClient,
-                    batch_list_reviews,
                     "downstream.reviews.v1.ReviewsService/BatchListReviews"
                 ),
                 orders: downstream!(
@@ -204,8 +166,6 @@ impl Downstreams {
                     config,
                     m,
                     Component::Orders,
-                    OrdersServiceClient,
-                    batch_list_orders,
                     "downstream.orders.v1.OrdersService/BatchListOrders"
                 ),
                 calls: downstream!(
@@ -213,8 +173,6 @@ impl Downstreams {
                     config,
                     m,
                     Component::Calls,
-                    CallsServiceClient,
-                    batch_list_calls,
                     "downstream.calls.v1.CallsService/BatchListCalls"
                 ),
                 emails: downstream!(
@@ -222,8 +180,6 @@ impl Downstreams {
                     config,
                     m,
                     Component::Emails,
-                    EmailsServiceClient,
-                    batch_list_emails,
                     "downstream.emails.v1.EmailsService/BatchListEmails"
                 ),
                 sms: downstream!(
@@ -231,8 +187,6 @@ impl Downstreams {
                     config,
                     m,
                     Component::Sms,
-                    SmsServiceClient,
-                    batch_list_sms,
                     "downstream.sms.v1.SmsService/BatchListSms"
                 ),
             },
@@ -250,14 +204,14 @@ impl Downstreams {
 fn service_token(
     component: Component,
     s: &DownstreamSettings,
-) -> Result<Option<MetadataValue<Ascii>>, EndpointError> {
+) -> Result<Option<HeaderValue>, EndpointError> {
     let Some(path) = &s.token_file else {
         return Ok(None);
     };
     let fail = |message: String| EndpointError::Credentials { component, message };
     let token = std::fs::read_to_string(path)
         .map_err(|e| fail(format!("cannot read token_file {}: {e}", path.display())))?;
-    MetadataValue::try_from(format!("Bearer {}", token.trim()))
+    HeaderValue::try_from(format!("Bearer {}", token.trim()))
         .map(Some)
         .map_err(|_| fail("token_file holds characters not allowed in a header".into()))
 }

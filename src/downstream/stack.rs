@@ -136,7 +136,7 @@ mod tests {
     async fn the_steps_add_little_to_the_rpc_future() {
         let config = Config::parse(crate::config::EXAMPLE).expect("example");
         let settings = config.downstream(Component::Profile).expect("profile");
-        // A call whose future is as large as a tonic client's (1.3 KiB).
+        // A call whose future is as large as a tonic client's was (1.3 KiB).
         let rpc = tower::service_fn(|r: Request<u8>| async move {
             let pad = [0u8; 1336];
             tokio::task::yield_now().await;

@@ -25,17 +25,15 @@ use std::{
     future::poll_fn,
     io,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::future::{self, BoxFuture, Either, FutureExt};
 use h2::{
     Ping, Reason,
     client::{self, SendRequest},
@@ -45,14 +43,13 @@ use http::{
     header::USER_AGENT,
     uri::{Authority, Scheme},
 };
-use http_body::{Body as _, Frame};
 use rustls_pki_types::ServerName;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
 };
 use tokio_rustls::TlsConnector;
-use tonic::{Code, Status, body::Body};
+use tonic::{Code, Status};
 
 /// HTTP/2 settings: hyper's client defaults, which tonic used before.
 const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
@@ -149,7 +146,7 @@ impl TransportError {
 }
 
 /// What a connection attempt yields to every call waiting on it.
-type Connecting = Shared<BoxFuture<'static, Result<Ready, Arc<TransportError>>>>;
+type Connecting = future::Shared<BoxFuture<'static, Result<Ready, Arc<TransportError>>>>;
 
 enum State {
     Idle,
@@ -160,26 +157,34 @@ enum State {
 #[derive(Clone)]
 struct Ready {
     send: SendRequest<Bytes>,
+    shared: Arc<Shared>,
+}
+
+/// What the calls on a connection and its task share.
+struct Shared {
     /// Set when the connection ended or refused a stream.
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
     /// Calls in flight (the connection pings only while there are some).
-    active: Arc<AtomicUsize>,
+    active: AtomicUsize,
+    scheme: Scheme,
+    authority: Authority,
+    user_agent: HeaderValue,
 }
 
 /// Counts a call in flight on its connection until its answer is read (or
 /// abandoned).
-struct Active(Arc<AtomicUsize>);
+struct Active(Arc<Shared>);
 
 impl Active {
-    fn new(count: &Arc<AtomicUsize>) -> Active {
-        count.fetch_add(1, Ordering::Relaxed);
-        Active(count.clone())
+    fn new(shared: &Arc<Shared>) -> Active {
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        Active(shared.clone())
     }
 }
 
 impl Drop for Active {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -207,57 +212,92 @@ impl Connection {
         }
     }
 
-    /// Sends `request` (its URI a path, as tonic's generated clients make
-    /// it) and waits for the answer's headers; the body is read as the
-    /// caller polls it.
-    pub async fn send(
+    /// Sends a request (`head`'s URI a path; `body` its whole body, sent
+    /// with the headers) and waits for the answer's headers; the caller reads
+    /// the rest from the [`Answer`].
+    ///
+    /// Not an `async fn`: on a connection that is up, the stream is opened
+    /// and the request written at once, and the future returned holds only
+    /// the answer to come. An `async fn` would keep the request's head
+    /// (224 bytes) in the future of every call in flight.
+    pub fn send(
         &self,
-        request: http::Request<Body>,
-    ) -> Result<http::Response<Body>, SendError> {
-        let ready = match self.current() {
-            Ok(ready) => ready,
-            Err(connecting) => connecting
+        head: http::request::Parts,
+        body: Bytes,
+    ) -> impl Future<Output = Result<Answer, SendError>> + Send + use<> {
+        let opened = match self.current() {
+            Ok(ready) => Either::Left(std::future::ready(Connection::open(&ready, head, body))),
+            // Not connected yet: wait for it (boxed: this path is rare, and
+            // holds the request while it waits).
+            Err(connecting) => Either::Right(
+                async move {
+                    let ready = connecting
+                        .await
+                        .map_err(|e| SendError::Transport(clone_error(&e)))?;
+                    Connection::open(&ready, head, body)
+                }
+                .boxed(),
+            ),
+        };
+        async move {
+            let (response, active) = opened.await?;
+            let (head, body) = response
                 .await
-                .map_err(|e| SendError::Transport(clone_error(&e)))?,
-        };
-        let (mut parts, body) = request.into_parts();
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(self.connector.scheme.clone());
-        uri.authority = Some(self.authority.clone());
-        uri.path_and_query = parts.uri.path_and_query().cloned();
-        parts.uri = Uri::from_parts(uri)
-            .map_err(|e| SendError::Transport(TransportError::Request(e.into())))?;
-        if !parts.headers.contains_key(USER_AGENT) {
-            parts
-                .headers
-                .insert(USER_AGENT, self.connector.user_agent.clone());
-        }
-        let end = body.is_end_stream();
-        let active = Active::new(&ready.active);
-        // Before the stream is open nothing was sent: any error is the
-        // connection's, and the connection is made again by the next call.
-        let opened = async {
-            let mut send = ready.send.clone().ready().await?;
-            send.send_request(http::Request::from_parts(parts, ()), end)
-        };
-        let (response, stream) = opened.await.map_err(|e| {
-            ready.closed.store(true, Ordering::Relaxed);
-            SendError::Transport(TransportError::Connection(e))
-        })?;
-        drop(ready);
-        if !end {
-            send_body(body, stream).await?;
-        }
-        let response = response
-            .await
-            .map_err(|e| SendError::Status(status_of(e)))?;
-        Ok(response.map(|recv| {
-            Body::new(ResponseBody {
-                recv,
-                data: true,
+                .map_err(|e| SendError::Status(status_of(e)))?
+                .into_parts();
+            Ok(Answer {
+                head,
+                body,
                 _active: active,
             })
-        }))
+        }
+    }
+
+    /// Opens a stream on `ready` and writes the request.
+    fn open(
+        ready: &Ready,
+        mut head: http::request::Parts,
+        body: Bytes,
+    ) -> Result<(h2::client::ResponseFuture, Active), SendError> {
+        let mut uri = http::uri::Parts::default();
+        let shared = &ready.shared;
+        uri.scheme = Some(shared.scheme.clone());
+        uri.authority = Some(shared.authority.clone());
+        uri.path_and_query = head.uri.path_and_query().cloned();
+        head.uri = Uri::from_parts(uri)
+            .map_err(|e| SendError::Transport(TransportError::Request(e.into())))?;
+        if !head.headers.contains_key(USER_AGENT) {
+            head.headers.insert(USER_AGENT, shared.user_agent.clone());
+        }
+        let end = body.is_empty();
+        // A fresh handle has no stream pending, so it needs no `ready()`:
+        // h2 checks the connection's state (an error, a GOAWAY) here. Before
+        // the stream is open nothing was sent: any error is the
+        // connection's, and the connection is made again by the next call.
+        let (response, mut stream) = ready
+            .send
+            .clone()
+            .send_request(http::Request::from_parts(head, ()), end)
+            .map_err(|e| {
+                shared.closed.store(true, Ordering::Relaxed);
+                SendError::Transport(TransportError::Connection(e))
+            })?;
+        let active = Active::new(shared);
+        if !end {
+            // Beyond the stream's window h2 buffers it (within its send
+            // buffer); a unary request is one small message.
+            stream
+                .send_data(body, true)
+                .map_err(|e| SendError::Status(status_of(e)))?;
+        }
+        Ok((response, active))
+    }
+
+    /// A new attempt to connect, shared by the calls that wait on it.
+    fn connect(&self) -> Connecting {
+        connect(self.addr, self.connector.clone(), self.authority.clone())
+            .boxed()
+            .shared()
     }
 
     /// The connection if it is up, or the attempt to make it (started now
@@ -266,10 +306,10 @@ impl Connection {
         let Ok(mut state) = self.state.lock() else {
             // Poisoned: only a panic in this module could do it; connect
             // without sharing rather than fail every call.
-            return Err(connect(self.addr, self.connector.clone()).boxed().shared());
+            return Err(self.connect());
         };
         if let State::Ready(r) = &*state {
-            if !r.closed.load(Ordering::Relaxed) {
+            if !r.shared.closed.load(Ordering::Relaxed) {
                 return Ok(r.clone());
             }
             *state = State::Idle;
@@ -277,7 +317,7 @@ impl Connection {
         if let State::Connecting(c) = &*state {
             match c.peek() {
                 None => return Err(c.clone()),
-                Some(Ok(r)) if !r.closed.load(Ordering::Relaxed) => {
+                Some(Ok(r)) if !r.shared.closed.load(Ordering::Relaxed) => {
                     let r = r.clone();
                     *state = State::Ready(r.clone());
                     return Ok(r);
@@ -286,7 +326,7 @@ impl Connection {
                 Some(_) => {}
             }
         }
-        let c = connect(self.addr, self.connector.clone()).boxed().shared();
+        let c = self.connect();
         *state = State::Connecting(c.clone());
         Err(c)
     }
@@ -318,20 +358,28 @@ fn clone_error(e: &TransportError) -> TransportError {
 async fn connect(
     addr: SocketAddr,
     connector: Arc<Connector>,
+    authority: Authority,
 ) -> Result<Ready, Arc<TransportError>> {
+    let shared = Arc::new(Shared {
+        closed: AtomicBool::new(false),
+        active: AtomicUsize::new(0),
+        scheme: connector.scheme.clone(),
+        authority,
+        user_agent: connector.user_agent.clone(),
+    });
     let made = tokio::time::timeout(connector.connect_timeout, async {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(TransportError::Connect)?;
         tcp.set_nodelay(true).map_err(TransportError::Connect)?;
         match &connector.tls {
-            None => handshake(tcp, connector.keepalive).await,
+            None => handshake(tcp, connector.keepalive, shared).await,
             Some((tls, name)) => {
                 let tls = tls
                     .connect(name.clone(), tcp)
                     .await
                     .map_err(TransportError::Connect)?;
-                handshake(tls, connector.keepalive).await
+                handshake(tls, connector.keepalive, shared).await
             }
         }
     })
@@ -346,7 +394,11 @@ async fn connect(
     }
 }
 
-async fn handshake<T>(io: T, keepalive: Keepalive) -> Result<Ready, TransportError>
+async fn handshake<T>(
+    io: T,
+    keepalive: Keepalive,
+    shared: Arc<Shared>,
+) -> Result<Ready, TransportError>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -359,14 +411,8 @@ where
         .handshake::<T, Bytes>(io)
         .await
         .map_err(|e| TransportError::Connect(io::Error::other(e)))?;
-    let closed = Arc::new(AtomicBool::new(false));
-    let active = Arc::new(AtomicUsize::new(0));
-    tokio::spawn(drive(connection, active.clone(), closed.clone(), keepalive));
-    Ok(Ready {
-        send,
-        closed,
-        active,
-    })
+    tokio::spawn(drive(connection, shared.clone(), keepalive));
+    Ok(Ready { send, shared })
 }
 
 /// Runs a connection's reads and writes until it ends, pinging while calls
@@ -375,8 +421,7 @@ where
 /// call is answered (h2 closes it once no handle or stream is left).
 async fn drive<T>(
     connection: client::Connection<T, Bytes>,
-    active: Arc<AtomicUsize>,
-    closed: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     keepalive: Keepalive,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -389,7 +434,7 @@ async fn drive<T>(
         tokio::select! {
             _ = &mut connection => break,
             () = tick => {
-                let busy = active.load(Ordering::Relaxed) > 0;
+                let busy = shared.active.load(Ordering::Relaxed) > 0;
                 let Some(p) = pings.as_mut().filter(|_| busy) else { continue };
                 if p.send_ping(Ping::opaque()).is_err() {
                     break;
@@ -405,40 +450,7 @@ async fn drive<T>(
             }
         }
     }
-    closed.store(true, Ordering::Relaxed);
-}
-
-/// Writes a request body to its stream. A unary gRPC body is one message,
-/// ready at once; larger bodies are buffered by h2 within its send buffer.
-async fn send_body(mut body: Body, mut stream: h2::SendStream<Bytes>) -> Result<(), SendError> {
-    loop {
-        match poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-            None => return stream.send_data(Bytes::new(), true).map_err(sent),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    let end = body.is_end_stream();
-                    stream.send_data(data, end).map_err(sent)?;
-                    if end {
-                        return Ok(());
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        return stream.send_trailers(trailers).map_err(sent);
-                    }
-                }
-            },
-            // Encoding failed (tonic's status): the stream is abandoned.
-            Some(Err(status)) => {
-                stream.send_reset(Reason::CANCEL);
-                return Err(SendError::Status(status));
-            }
-        }
-    }
-}
-
-fn sent(e: h2::Error) -> SendError {
-    SendError::Status(status_of(e))
+    shared.closed.store(true, Ordering::Relaxed);
 }
 
 /// The status of a stream that ended without a gRPC status, as tonic reports
@@ -462,47 +474,33 @@ fn status_of(e: h2::Error) -> Status {
     Status::new(code, "downstream reset the stream")
 }
 
-/// An answer's body: its data frames (the flow-control window given back
-/// as each is read), then its trailers.
-struct ResponseBody {
-    recv: h2::RecvStream,
-    /// Data frames may still come.
-    data: bool,
+/// An answer: its headers, then its body and trailers as read. Dropping it
+/// before the end resets the stream (CANCEL), so the downstream stops too.
+pub struct Answer {
+    /// Status and headers.
+    pub head: http::response::Parts,
+    body: h2::RecvStream,
     _active: Active,
 }
 
-impl http_body::Body for ResponseBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = &mut *self;
-        if this.data {
-            match this.recv.poll_data(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(data))) => {
-                    // Only fails once the stream is gone, which the next
-                    // poll reports.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(status_of(e)))),
-                Poll::Ready(None) => this.data = false,
+impl Answer {
+    /// The next data frame (`None` after the last), its flow-control window
+    /// given back as it is read.
+    pub async fn data(&mut self) -> Option<Result<Bytes, Status>> {
+        let data = poll_fn(|cx| self.body.poll_data(cx)).await?;
+        Some(match data {
+            Ok(data) => {
+                // Fails only once the stream is gone, which the next read reports.
+                let _ = self.body.flow_control().release_capacity(data.len());
+                Ok(data)
             }
-        }
-        match this.recv.poll_trailers(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Poll::Ready(Ok(None)) => Poll::Ready(None),
-            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(status_of(e)))),
-        }
+            Err(e) => Err(status_of(e)),
+        })
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
+    /// The trailers, once the data is read.
+    pub async fn trailers(&mut self) -> Result<Option<http::HeaderMap>, Status> {
+        self.body.trailers().await.map_err(status_of)
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
 use opentelemetry::propagation::{Extractor, Injector};
 use tonic::{
     Code, Response, Status,
-    metadata::{MetadataKey, MetadataMap, MetadataValue},
+    metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue},
 };
 use tracing::{Instrument, field};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -45,7 +45,14 @@ pub struct RequestContext {
     pub method: &'static str,
     /// Degraded components of the RPC's aggregates, for its log line.
     tally: Arc<Tally>,
+    /// The request id, consumer and principal as downstream call headers,
+    /// made once per RPC rather than once per downstream call (an identity
+    /// that is not a valid header value is left out).
+    headers: Arc<[Option<MetadataValue<Ascii>>; 3]>,
 }
+
+/// The keys of [`RequestContext::headers`], in order.
+const IDENTITY_KEYS: [&str; 3] = [REQUEST_ID, CONSUMER, PRINCIPAL];
 
 /// The degraded components of one RPC's aggregates (`component:REASON`),
 /// at most [`MAX_TALLY`]: a batch or stream may have many.
@@ -154,19 +161,18 @@ impl Injector for MetadataInjector<'_> {
 /// Adds the current span's trace context and the current request id to a
 /// downstream request's metadata (an allow-list: nothing else is forwarded).
 pub fn propagate(span: &tracing::Span, metadata: &mut MetadataMap) {
-    let cx = span.context();
-    opentelemetry::global::get_text_map_propagator(|p| {
-        p.inject_context(&cx, &mut MetadataInjector(metadata));
-    });
+    // A span no layer built (no trace exporter) has no context to send;
+    // skipping it saves the global propagator's lock per call.
+    if !span.is_disabled() {
+        let cx = span.context();
+        opentelemetry::global::get_text_map_propagator(|p| {
+            p.inject_context(&cx, &mut MetadataInjector(metadata));
+        });
+    }
     let _ = CURRENT.try_with(|cx| {
-        for (key, value) in [
-            (REQUEST_ID, &cx.request_id),
-            (CONSUMER, &cx.consumer),
-            (PRINCIPAL, &cx.principal),
-        ] {
-            // An identity that is not a valid header value is left out.
-            if let Ok(v) = MetadataValue::try_from(&**value) {
-                metadata.insert(key, v);
+        for (key, value) in IDENTITY_KEYS.iter().zip(cx.headers.iter()) {
+            if let Some(v) = value {
+                metadata.insert(*key, v.clone());
             }
         }
     });
@@ -258,7 +264,9 @@ where
     let _ = span.set_parent(parent);
 
     let tally = Arc::new(Tally::default());
+    let header = |v: &str| MetadataValue::try_from(v).ok();
     let context = RequestContext {
+        headers: Arc::new([header(&request_id), header(consumer), header(principal)]),
         request_id: request_id.clone(),
         consumer: consumer.clone(),
         principal: principal.clone(),

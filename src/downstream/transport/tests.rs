@@ -2,49 +2,41 @@
 //! and a bare h2 server for what a tonic server will not do (stop
 //! answering).
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::Code;
 
-use super::*;
+use http::uri::PathAndQuery;
+
+use super::{
+    super::unary::{encode, read, request_head, status_of},
+    *,
+};
 use crate::{
-    pb::downstream::profile::v1::{
-        GetProfileRequest, profile_service_client::ProfileServiceClient,
-    },
+    pb::downstream::profile::v1::{GetProfileRequest, GetProfileResponse},
     sim::{self, SimConfig},
 };
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A generated client whose calls go over `connection` (as the balancer
-/// sends them).
-fn client(
-    connection: Arc<Connection>,
-) -> ProfileServiceClient<
-    impl tonic::client::GrpcService<
-        Body,
-        Error = BoxError,
-        ResponseBody = Body,
-        Future = impl Future<Output = Result<http::Response<Body>, BoxError>>,
-    > + Clone,
-> {
-    ProfileServiceClient::new(tower::service_fn(move |request| {
-        let connection = connection.clone();
-        async move {
-            connection.send(request).await.map_err(|e| match e {
-                SendError::Status(s) => BoxError::from(s),
-                SendError::Transport(t) => BoxError::from(t),
-            })
-        }
-    }))
+/// A GetProfile call over `connection`, framed as `Unary` frames it.
+async fn get_profile(
+    connection: &Connection,
+    request: tonic::Request<GetProfileRequest>,
+) -> Result<GetProfileResponse, tonic::Status> {
+    let (metadata, _, message) = request.into_parts();
+    let path = PathAndQuery::from_static("/downstream.profile.v1.ProfileService/GetProfile");
+    let answer = connection
+        .send(request_head(metadata, path), encode(&message))
+        .await
+        .map_err(status_of)?;
+    read(answer, 1 << 20).await
 }
 
-fn request() -> GetProfileRequest {
-    GetProfileRequest {
+fn request() -> tonic::Request<GetProfileRequest> {
+    tonic::Request::new(GetProfileRequest {
         customer_id: "c-1".into(),
-    }
+    })
 }
 
 /// The sim on `listener` until `stop` fires (or is dropped).
@@ -64,14 +56,14 @@ fn connector() -> Arc<Connector> {
 }
 
 /// The connection's current state, if it is up: to tell connections apart.
-fn current(c: &Connection) -> Option<Arc<AtomicBool>> {
+fn current(c: &Connection) -> Option<Arc<Shared>> {
     match &*c.state.lock().expect("state") {
-        State::Ready(r) => Some(r.closed.clone()),
+        State::Ready(r) => Some(r.shared.clone()),
         // Made, and taken up as Ready by the next call.
         State::Connecting(c) => c
             .peek()
             .and_then(|r| r.as_ref().ok())
-            .map(|r| r.closed.clone()),
+            .map(|r| r.shared.clone()),
         State::Idle => None,
     }
 }
@@ -82,25 +74,23 @@ async fn calls_reach_a_real_server_over_one_connection() {
     let addr = listener.local_addr().expect("addr");
     let (_stop, _task) = serve_sim(listener);
     let connection = Arc::new(Connection::new(addr, connector()));
-    let mut c = client(connection.clone());
-    let first = c.get_profile(request()).await.expect("first call");
-    assert!(first.get_ref().profile.is_some());
+    let first = get_profile(&connection, request())
+        .await
+        .expect("first call");
+    assert!(first.profile.is_some());
     let made = current(&connection).expect("connected");
     // Concurrent calls share it.
-    let calls = (0..20).map(|_| {
-        let mut c = c.clone();
-        async move { c.get_profile(request()).await }
-    });
+    let calls = (0..20).map(|_| get_profile(&connection, request()));
     for r in futures::future::join_all(calls).await {
-        assert!(r.expect("call").get_ref().profile.is_some());
+        assert!(r.expect("call").profile.is_some());
     }
     let still = current(&connection).expect("connected");
     assert!(Arc::ptr_eq(&made, &still), "one connection for every call");
     // The downstream's answer (NOT_FOUND here) passes through as its own.
-    let missing = c
-        .get_profile(GetProfileRequest {
-            customer_id: "nobody".into(),
-        })
+    let nobody = tonic::Request::new(GetProfileRequest {
+        customer_id: "nobody".into(),
+    });
+    let missing = get_profile(&connection, nobody)
         .await
         .expect_err("unknown customer");
     assert_eq!(missing.code(), Code::NotFound);
@@ -113,8 +103,9 @@ async fn a_refused_connection_is_a_transport_failure_naming_its_cause() {
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     let connection = Connection::new(addr, connector());
-    let request = http::Request::new(Body::empty());
-    let Err(SendError::Transport(TransportError::Connect(io))) = connection.send(request).await
+    let (head, ()) = http::Request::new(()).into_parts();
+    let Err(SendError::Transport(TransportError::Connect(io))) =
+        connection.send(head, Bytes::new()).await
     else {
         panic!("expected a connect error");
     };
@@ -127,25 +118,30 @@ async fn a_connection_the_server_closes_is_made_again_by_the_next_call() {
     let addr = listener.local_addr().expect("addr");
     let (stop, task) = serve_sim(listener);
     let connection = Arc::new(Connection::new(addr, connector()));
-    let mut c = client(connection.clone());
-    c.get_profile(request()).await.expect("first call");
+    get_profile(&connection, request())
+        .await
+        .expect("first call");
     let first = current(&connection).expect("connected");
     // The server goes away (GOAWAY, then the socket closes) ...
     let _ = stop.send(());
     task.await.expect("sim stopped");
     tokio::time::timeout(Duration::from_secs(10), async {
-        while !first.load(Ordering::Relaxed) {
+        while !first.closed.load(Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
     .expect("the connection is seen closed");
-    let refused = c.get_profile(request()).await.expect_err("nobody listens");
+    let refused = get_profile(&connection, request())
+        .await
+        .expect_err("nobody listens");
     assert!(std::error::Error::source(&refused).is_some(), "{refused:?}");
     // ... and comes back on the same address: the next call reconnects.
     let listener = TcpListener::bind(addr).await.expect("bind again");
     let (_stop, _task) = serve_sim(listener);
-    c.get_profile(request()).await.expect("after the restart");
+    get_profile(&connection, request())
+        .await
+        .expect("after the restart");
     let second = current(&connection).expect("connected");
     assert!(!Arc::ptr_eq(&first, &second), "a new connection");
 }
@@ -202,15 +198,16 @@ async fn a_connection_that_stops_answering_is_dropped_by_keepalive_and_made_agai
     };
     let connector = Arc::new(Connector::plain(Duration::from_secs(5)).keepalive(keepalive));
     let connection = Arc::new(Connection::new(addr, connector));
-    let mut c = client(connection.clone());
     // No deadline on the call: only the unanswered ping can end it.
-    let hung = tokio::time::timeout(Duration::from_secs(10), c.get_profile(request()))
+    let hung = tokio::time::timeout(Duration::from_secs(10), get_profile(&connection, request()))
         .await
         .expect("keepalive ended the call")
         .expect_err("no answer");
     assert!(std::error::Error::source(&hung).is_some(), "{hung:?}");
-    let answered = c.get_profile(request()).await.expect("a new connection");
-    assert!(answered.get_ref().profile.is_none());
+    let answered = get_profile(&connection, request())
+        .await
+        .expect("a new connection");
+    assert!(answered.profile.is_none());
     // A stream the downstream resets is its answer, mapped as gRPC maps
     // HTTP/2 errors, not a transport failure (no source).
     for (reason, code) in [
@@ -218,10 +215,10 @@ async fn a_connection_that_stops_answering_is_dropped_by_keepalive_and_made_agai
         (Reason::INTERNAL_ERROR, Code::Internal),
         (Reason::ENHANCE_YOUR_CALM, Code::ResourceExhausted),
     ] {
-        let mut r = tonic::Request::new(request());
+        let mut r = request();
         let value = u32::from(reason).to_string().parse().expect("ascii");
         r.metadata_mut().insert("x-reset", value);
-        let status = c.get_profile(r).await.expect_err("reset");
+        let status = get_profile(&connection, r).await.expect_err("reset");
         assert_eq!(status.code(), code, "{status:?}");
         assert!(std::error::Error::source(&status).is_none(), "{status:?}");
     }
