@@ -27,13 +27,16 @@
 //!   control, the key format (`cache::key`), the shared Redis tier
 //!   (`cache::shared`) over one server, Sentinel or Cluster
 //!   (`cache::topology`), and request coalescing (`cache::singleflight`).
-//! - [`downstream`]: one typed client per downstream service, built from
-//!   config in `downstream::connect`, each behind its own resilience stack,
-//!   composed top to bottom in `downstream::stack`, over a balancer
-//!   (`downstream::balance`: power of two choices over peak-EWMA latency,
-//!   connections per endpoint that follow the load, `NO_ENDPOINTS`) whose
-//!   endpoints `downstream::discovery` finds (addresses, DNS A/AAAA, SRV);
-//!   per-request batching loaders (`downstream::loader`).
+//! - [`downstream`]: one unary call per downstream method
+//!   (`downstream::unary`: the message framed and sent, the answer and its
+//!   status read back), built from config in `downstream::connect`, each
+//!   behind its own resilience stack, composed top to bottom in
+//!   `downstream::stack`, over a balancer (`downstream::balance`: power of
+//!   two choices over peak-EWMA latency, connections per endpoint that
+//!   follow the load, `NO_ENDPOINTS`) whose endpoints `downstream::discovery`
+//!   finds (addresses, DNS A/AAAA, SRV) and whose HTTP/2 connections
+//!   `downstream::transport` keeps (made on first use, again after a break,
+//!   keepalive pings); per-request batching loaders (`downstream::loader`).
 //! - [`resilience`]: the stack's layers, one module each: bulkhead, retry
 //!   (with budget and pushback), hedge, circuit breaker, attempt (deadline
 //!   budget as `grpc-timeout`, status classification); per-endpoint failure
