@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Either},
+};
 use tonic::{Request, Response, Status};
 use tower::{Service, ServiceExt, retry::budget::TpsBudget};
 
@@ -36,36 +39,47 @@ pub struct Stack<S> {
 
 impl<S> Stack<S> {
     /// One downstream call, outermost step first.
-    pub async fn call<M, T>(&self, call: Call<M>) -> Result<T, Failed>
+    ///
+    /// Not an `async fn` (nor are the hedge, breaker and attempt steps):
+    /// each would keep the call (or its future) once more in the future of
+    /// every downstream call in flight.
+    pub fn call<M, T>(&self, call: Call<M>) -> impl Future<Output = Result<T, Failed>> + Send + '_
     where
-        S: Service<Request<M>, Response = Response<T>, Error = Status> + Clone,
-        M: Clone,
+        S: Service<Request<M>, Response = Response<T>, Error = Status> + Clone + Send + Sync,
+        S::Future: Send,
+        M: Clone + Send + Sync + 'static,
+        T: Send + 'static,
     {
         // 1. Bulkhead: cap calls in flight to this downstream (retries and
         //    hedges of a call ride on its slot); over the cap, fail at once
         //    with BULKHEAD_FULL instead of queueing.
-        let _slot = self.bulkhead.enter()?;
+        let slot = match self.bulkhead.enter() {
+            Ok(slot) => slot,
+            Err(full) => return Either::Left(std::future::ready(Err(full))),
+        };
         // 2. Retry UNAVAILABLE with jittered backoff inside the deadline,
         //    under the budget, honouring grpc-retry-pushback-ms.
-        self.retry
-            .run(call, |call| {
-                // 3. Hedge (if enabled): a second copy after the observed
-                //    percentile.
-                self.hedge.run(call, |call| {
-                    // 4. Circuit breaker: every attempt (retries and hedges
-                    //    included) is an outcome; while open, attempts fail
-                    //    in microseconds.
-                    self.breaker.guard(
-                        // 5. Attempt: grpc-timeout = min(timeout, deadline
-                        //    left - reserve), enforced locally too; the status
-                        //    classified. Each attempt is a client span carrying
-                        //    the trace context and request id.
-                        self.attempt
-                            .run(call, |request| self.rpc.clone().oneshot(request)),
-                    )
-                })
+        let called = self.retry.run(call, |call| {
+            // 3. Hedge (if enabled): a second copy after the observed
+            //    percentile.
+            self.hedge.run(call, |call| {
+                // 4. Circuit breaker: every attempt (retries and hedges
+                //    included) is an outcome; while open, attempts fail
+                //    in microseconds.
+                self.breaker.guard(
+                    // 5. Attempt: grpc-timeout = min(timeout, deadline
+                    //    left - reserve), enforced locally too; the status
+                    //    classified. Each attempt is a client span carrying
+                    //    the trace context and request id.
+                    self.attempt
+                        .run(call, |request| self.rpc.clone().oneshot(request)),
+                )
             })
-            .await
+        });
+        Either::Right(called.map(move |result| {
+            drop(slot);
+            result
+        }))
     }
 }
 

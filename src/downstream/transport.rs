@@ -57,6 +57,7 @@ const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
 /// The largest response header block a downstream may send.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
+const INITIAL_MAX_SEND_STREAMS: usize = 100;
 
 /// How the connections to a downstream's addresses are made.
 pub struct Connector {
@@ -407,6 +408,9 @@ where
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(MAX_SEND_BUFFER)
+        // Streams opened before the server's SETTINGS arrive (hyper's
+        // figure): past it h2 holds them until the server's limit is known.
+        .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)
         .enable_push(false)
         .handshake::<T, Bytes>(io)
         .await

@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use futures::{FutureExt, future::Either};
 use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tower::{Layer, Service, ServiceExt};
@@ -93,6 +94,11 @@ where
 impl AttemptLayer {
     /// One attempt: `rpc` called with `call`'s message under its budget,
     /// in a client span, its status classified and measured.
+    ///
+    /// Not an `async fn`, and no `async` block inside: the request is built
+    /// and `rpc` called before it returns, and the future is the call under
+    /// its timer, its span entered, its outcome mapped by a closure. An
+    /// `async` block would keep the call beside the request made of it.
     pub fn run<M, T, F, Fut>(
         &self,
         call: Call<M>,
@@ -103,7 +109,6 @@ impl AttemptLayer {
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
         let l = self;
-        let budget = call.deadline.budget(l.timeout);
         let span = tracing::info_span!(
             "downstream",
             otel.name = l.rpc,
@@ -118,21 +123,27 @@ impl AttemptLayer {
             rpc.grpc.status_code = field::Empty,
             reason = field::Empty,
         );
-        let metrics = &l.metrics;
-        let attempt = async move {
-            let span = tracing::Span::current();
-            let budget = budget.map_err(|r| {
+        let budget = match call.deadline.budget(l.timeout) {
+            Ok(budget) => budget,
+            Err(r) => {
                 span.record("reason", r.code());
-                Failed::because(r)
-            })?;
-            span.record("budget_ms", budget.timeout.as_secs_f64() * 1e3);
-            let mut request = Request::new(call.message);
-            request.set_timeout(budget.timeout);
-            // The balancer reads it to send a retry or hedge elsewhere.
-            request.extensions_mut().insert(call.tried);
-            propagate(&span, request.metadata_mut());
-            let started = Instant::now();
-            let (code, result) = match tokio::time::timeout(budget.timeout, rpc(request)).await {
+                return Either::Left(std::future::ready(Err(Failed::because(r))));
+            }
+        };
+        span.record("budget_ms", budget.timeout.as_secs_f64() * 1e3);
+        let mut request = Request::new(call.message);
+        request.set_timeout(budget.timeout);
+        // The balancer reads it to send a retry or hedge elsewhere.
+        request.extensions_mut().insert(call.tried);
+        propagate(&span, request.metadata_mut());
+        let started = Instant::now();
+        let sent = {
+            let _entered = span.enter();
+            rpc(request)
+        };
+        let metrics = &l.metrics;
+        let answered = tokio::time::timeout(budget.timeout, sent).map(move |answer| {
+            let (code, result) = match answer {
                 Ok(Ok(response)) => (Code::Ok, Ok(response.into_inner())),
                 Ok(Err(status)) => {
                     let spent = Spent {
@@ -148,13 +159,15 @@ impl AttemptLayer {
             };
             let code = code_name(code);
             metrics.attempt(code, started.elapsed().as_secs_f64());
+            // The attempt's span: entered around this poll by `instrument`.
+            let span = tracing::Span::current();
             span.record("rpc.grpc.status_code", code);
             if let Err(f) = &result {
                 span.record("reason", f.reason().map_or("NOT_FOUND", |r| r.code()));
             }
             result
-        };
-        attempt.instrument(span)
+        });
+        Either::Right(answered.instrument(span))
     }
 }
 

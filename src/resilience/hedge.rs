@@ -112,15 +112,33 @@ impl HedgeLayer {
     /// Runs `attempt` for `call`; when hedging is on and it has not
     /// answered by the observed percentile, one more copy (see the module
     /// docs). The first success wins; dropping the other cancels it.
-    pub async fn run<M, T, F, Fut>(&self, call: Call<M>, attempt: F) -> Result<T, Failed>
+    ///
+    /// Not an `async fn`: with hedging off (the default) the future is the
+    /// attempt's own, not a wrapper keeping the call beside it; with it on,
+    /// the hedging state machine is boxed.
+    pub fn run<'a, M, T, F, Fut>(
+        &'a self,
+        call: Call<M>,
+        attempt: F,
+    ) -> impl Future<Output = Result<T, Failed>> + use<'a, M, T, F, Fut>
+    where
+        M: Clone + Send + 'a,
+        T: Send + 'a,
+        F: Fn(Call<M>) -> Fut + Send + 'a,
+        Fut: Future<Output = Result<T, Failed>> + Send + 'a,
+    {
+        if !self.settings.enabled {
+            return Either::Left(attempt(call));
+        }
+        Either::Right(Box::pin(self.hedged(call, attempt)))
+    }
+
+    async fn hedged<M, T, F, Fut>(&self, call: Call<M>, attempt: F) -> Result<T, Failed>
     where
         M: Clone,
         F: Fn(Call<M>) -> Fut,
         Fut: Future<Output = Result<T, Failed>>,
     {
-        if !self.settings.enabled {
-            return attempt(call).await;
-        }
         let (settings, latencies) = (&self.settings, &self.latencies);
         let delay = (latencies.count() >= settings.min_samples as u64)
             .then(|| latencies.threshold())
