@@ -43,33 +43,41 @@ impl ActivityV1 {
     }
 }
 
+// Handlers written out rather than `async fn`: see `super::Boxed`.
 #[tonic::async_trait]
 impl UserActivityService for ActivityV1 {
-    async fn get_user_activity(
-        &self,
+    fn get_user_activity<'s, 'f>(
+        &'s self,
         request: Request<GetUserActivityRequest>,
-    ) -> Result<Response<GetUserActivityResponse>, Status> {
-        handle(&self.engine, "GetUserActivity", request, |req, call| {
-            self.get_user_activity(req, call)
-        })
-        .await
+    ) -> super::Boxed<'f, GetUserActivityResponse>
+    where
+        's: 'f,
+    {
+        Box::pin(handle(
+            &self.engine,
+            "GetUserActivity",
+            request,
+            |req, call| self.get_user_activity(req, call),
+        ))
     }
 
     type StreamUserActivityStream = BoxStream<'static, Result<StreamUserActivityResponse, Status>>;
 
-    async fn stream_user_activity(
-        &self,
+    fn stream_user_activity<'s, 'f>(
+        &'s self,
         request: Request<StreamUserActivityRequest>,
-    ) -> Result<Response<Self::StreamUserActivityStream>, Status> {
-        handle(
+    ) -> super::Boxed<'f, Self::StreamUserActivityStream>
+    where
+        's: 'f,
+    {
+        Box::pin(handle(
             &self.engine,
             "StreamUserActivity",
             request,
             // Lazily, so the loaders are made inside the RPC's context and
             // the stream's downstream calls carry its request id and caller.
-            |req, call| async move { self.stream_user_activity(req, call) },
-        )
-        .await
+            move |req, call| async move { self.stream_user_activity(req, call) },
+        ))
     }
 }
 

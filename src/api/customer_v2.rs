@@ -43,29 +43,37 @@ impl CustomerV2 {
     }
 }
 
+// Handlers written out rather than `async fn`: see `super::Boxed`.
 #[tonic::async_trait]
 impl CustomerAggregateService for CustomerV2 {
-    async fn get_customer(
-        &self,
+    fn get_customer<'s, 'f>(
+        &'s self,
         request: Request<GetCustomerRequest>,
-    ) -> Result<Response<GetCustomerResponse>, Status> {
-        handle(&self.engine, "v2.GetCustomer", request, |req, call| {
-            self.get_customer(req, call)
-        })
-        .await
+    ) -> super::Boxed<'f, GetCustomerResponse>
+    where
+        's: 'f,
+    {
+        Box::pin(handle(
+            &self.engine,
+            "v2.GetCustomer",
+            request,
+            |req, call| self.get_customer(req, call),
+        ))
     }
 
-    async fn batch_get_customers(
-        &self,
+    fn batch_get_customers<'s, 'f>(
+        &'s self,
         request: Request<BatchGetCustomersRequest>,
-    ) -> Result<Response<BatchGetCustomersResponse>, Status> {
-        handle(
+    ) -> super::Boxed<'f, BatchGetCustomersResponse>
+    where
+        's: 'f,
+    {
+        Box::pin(handle(
             &self.engine,
             "v2.BatchGetCustomers",
             request,
             |req, call| self.batch_get_customers(req, call),
-        )
-        .await
+        ))
     }
 }
 

@@ -12,6 +12,7 @@ pub mod customer_v2;
 
 use std::{collections::HashMap, future::Future, sync::Arc};
 
+use futures::future::Either;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 use tonic_types::FieldViolation;
@@ -191,13 +192,18 @@ pub struct Rpc {
 /// the arrival stamp and headers, then `handler` inside the per-RPC span, log
 /// line and metrics ([`observe`]; the engine records what each aggregate
 /// came to).
-pub async fn handle<Req, Resp, Fut>(
-    engine: &Engine,
+///
+/// Not an `async fn`: the request is taken apart and the handler's future
+/// made before it returns, so the RPC's future (memory per call in flight)
+/// holds neither the request nor its metadata beside the handler's.
+pub fn handle<'e, Req, Resp, H, Fut>(
+    engine: &'e Engine,
     method: &'static str,
     request: Request<Req>,
-    handler: impl FnOnce(Req, Rpc) -> Fut,
-) -> Result<Response<Resp>, Status>
+    handler: H,
+) -> impl Future<Output = Result<Response<Resp>, Status>> + use<'e, Req, Resp, H, Fut>
 where
+    H: FnOnce(Req, Rpc) -> Fut,
     Fut: Future<Output = Result<Response<Resp>, Status>>,
 {
     debug_assert!(
@@ -207,7 +213,7 @@ where
     let (metadata, extensions, req) = request.into_parts();
     let Some(caller) = extensions.get::<Arc<Caller>>().cloned() else {
         tracing::error!(method, "no caller on the request: refused");
-        return Err(Error::Unauthenticated.into());
+        return Either::Left(std::future::ready(Err(Error::Unauthenticated.into())));
     };
     let arrival = extensions.get::<Arrival>().map(|a| a.0);
     let deadline = engine.deadline(&metadata, arrival);
@@ -216,8 +222,15 @@ where
         deadline,
         caller: caller.clone(),
     };
-    observe(engine.metrics(), method, &metadata, who, handler(req, call)).await
+    let answer = handler(req, call);
+    Either::Right(observe(engine.metrics(), method, &metadata, who, answer))
 }
+
+/// The future of a handler written without `async_trait`'s `async` block,
+/// as the generated service traits expect it: that block would keep the
+/// request beside the future [`handle`] makes of it (memory per call).
+pub type Boxed<'f, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<Response<T>, Status>> + Send + 'f>>;
 
 /// The checked fields every aggregate request has, in every version.
 pub struct Common {

@@ -53,9 +53,15 @@ impl<M, T> Clone for Downstream<M, T> {
 
 impl<M, T> Downstream<M, T> {
     /// Calls the downstream through its stack within the caller's deadline.
-    pub async fn call(&self, deadline: Deadline, message: M) -> Result<T, CallError> {
+    /// (A combinator: an `async fn` would keep the message and deadline
+    /// beside the stack's future that holds them.)
+    pub fn call(
+        &self,
+        deadline: Deadline,
+        message: M,
+    ) -> impl Future<Output = Result<T, CallError>> + Send + '_ {
         let call = Call::new(message, deadline);
-        self.stack.call(call).await.map_err(|f| f.error)
+        futures::FutureExt::map(self.stack.call(call), |r| r.map_err(|f| f.error))
     }
 }
 

@@ -235,13 +235,13 @@ pub fn code_name(code: Code) -> &'static str {
 /// the returned future starts, so that future holds it once (an `async fn`
 /// keeps room for its argument beside what it is moved into; the handler
 /// is the largest part of the request's future).
-pub fn observe<T, F>(
-    metrics: &Metrics,
+pub fn observe<'m, T, F>(
+    metrics: &'m Metrics,
     method: &'static str,
     metadata: &MetadataMap,
     (consumer, principal): (&Arc<str>, &Arc<str>),
     f: F,
-) -> impl Future<Output = Result<Response<T>, Status>>
+) -> impl Future<Output = Result<Response<T>, Status>> + use<'m, T, F>
 where
     F: Future<Output = Result<Response<T>, Status>>,
 {
@@ -258,10 +258,15 @@ where
         rpc.grpc.status_code = field::Empty,
         degraded = field::Empty,
     );
-    let parent =
-        opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
-    // Only fails when no OpenTelemetry layer is installed; then there is no trace to join.
-    let _ = span.set_parent(parent);
+    // A span no layer built (no trace exporter) has no parent to join;
+    // skipping it saves the global propagator's lock per RPC.
+    if !span.is_disabled() {
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&MetadataExtractor(metadata))
+        });
+        // Only fails when no OpenTelemetry layer is installed; then there is no trace to join.
+        let _ = span.set_parent(parent);
+    }
 
     let tally = Arc::new(Tally::default());
     let header = |v: &str| MetadataValue::try_from(v).ok();
@@ -274,6 +279,7 @@ where
         tally: tally.clone(),
     };
     let scoped = CURRENT.scope(context, f).instrument(span.clone());
+    let consumer = consumer.clone();
     // A combinator, not an `async` block: a block would keep `scoped` twice
     // (as captured, and as awaited).
     futures::FutureExt::map(scoped, move |result| {
@@ -283,7 +289,7 @@ where
             (method, started),
             (&span, &tally),
             request_id,
-            consumer,
+            &consumer,
         )
     })
 }
