@@ -242,14 +242,16 @@ impl Connection {
         };
         async move {
             let (response, active) = opened.await?;
-            let (head, body) = response
+            let (head, recv) = response
                 .await
                 .map_err(|e| SendError::Status(status_of(e)))?
                 .into_parts();
             Ok(Answer {
                 head,
-                body,
-                _active: active,
+                body: AnswerBody {
+                    recv,
+                    _active: active,
+                },
             })
         }
     }
@@ -478,24 +480,38 @@ fn status_of(e: h2::Error) -> Status {
     Status::new(code, "downstream reset the stream")
 }
 
-/// An answer: its headers, then its body and trailers as read. Dropping it
-/// before the end resets the stream (CANCEL), so the downstream stops too.
+/// An answer: its headers, then its body and trailers as read
+/// ([`Answer::into_body`]). Dropping it before the end resets the stream
+/// (CANCEL), so the downstream stops too.
 pub struct Answer {
     /// Status and headers.
     pub head: http::response::Parts,
-    body: h2::RecvStream,
-    _active: Active,
+    body: AnswerBody,
 }
 
 impl Answer {
+    /// The rest of the answer, once its headers are read (the future
+    /// reading it then does not keep them).
+    pub fn into_body(self) -> AnswerBody {
+        self.body
+    }
+}
+
+/// An answer's body and trailers.
+pub struct AnswerBody {
+    recv: h2::RecvStream,
+    _active: Active,
+}
+
+impl AnswerBody {
     /// The next data frame (`None` after the last), its flow-control window
     /// given back as it is read.
     pub async fn data(&mut self) -> Option<Result<Bytes, Status>> {
-        let data = poll_fn(|cx| self.body.poll_data(cx)).await?;
+        let data = poll_fn(|cx| self.recv.poll_data(cx)).await?;
         Some(match data {
             Ok(data) => {
                 // Fails only once the stream is gone, which the next read reports.
-                let _ = self.body.flow_control().release_capacity(data.len());
+                let _ = self.recv.flow_control().release_capacity(data.len());
                 Ok(data)
             }
             Err(e) => Err(status_of(e)),
@@ -504,7 +520,7 @@ impl Answer {
 
     /// The trailers, once the data is read.
     pub async fn trailers(&mut self) -> Result<Option<http::HeaderMap>, Status> {
-        self.body.trailers().await.map_err(status_of)
+        self.recv.trailers().await.map_err(status_of)
     }
 }
 

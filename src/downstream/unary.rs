@@ -13,7 +13,7 @@
 
 use std::marker::PhantomData;
 
-use futures::TryFutureExt;
+use futures::{TryFutureExt, future::Either};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{
@@ -26,7 +26,7 @@ use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 
 use super::{
     balance::Balanced,
-    transport::{Answer, SendError},
+    transport::{Answer, AnswerBody, SendError},
 };
 use crate::resilience::Tried;
 
@@ -129,21 +129,29 @@ pub(super) fn encode<M: Message>(message: &M) -> Bytes {
 }
 
 /// Reads the answer: its one message and its status, which wins over the
-/// message when not OK.
-pub(super) async fn read<T: Message + Default>(
-    mut answer: Answer,
+/// message when not OK. The headers are checked at once; the future reads
+/// the body without keeping them.
+pub(super) fn read<T: Message + Default>(
+    answer: Answer,
     max_response: usize,
-) -> Result<T, Status> {
+) -> impl Future<Output = Result<T, Status>> {
     // A trailers-only answer: the status in the headers, no message.
     if let Some(status) = grpc_status(&answer.head.headers) {
-        return Err(match status.code() {
+        return Either::Left(std::future::ready(Err(match status.code() {
             Code::Ok => Status::internal("downstream answered OK without a message"),
             _ => status,
-        });
+        })));
     }
     if answer.head.status != StatusCode::OK {
-        return Err(http_status(answer.head.status));
+        return Either::Left(std::future::ready(Err(http_status(answer.head.status))));
     }
+    Either::Right(read_body(answer.into_body(), max_response))
+}
+
+async fn read_body<T: Message + Default>(
+    mut answer: AnswerBody,
+    max_response: usize,
+) -> Result<T, Status> {
     let mut body = Body::default();
     while let Some(data) = answer.data().await {
         body.push(data?);
