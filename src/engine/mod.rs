@@ -24,7 +24,7 @@ pub mod customer;
 
 use std::{future::Future, sync::Arc};
 
-use futures::future::Either;
+use futures::{FutureExt, future::Either};
 
 use crate::{
     cache::{Cache, Key, Policy, Source},
@@ -162,34 +162,44 @@ impl Engine {
     /// One component of `job`: skipped unless requested; else the
     /// downstream's answer to `message()` (through the cache and the job's
     /// loader), `shape`d, with the failure rules applied ([`fetch`]).
-    async fn part<M, T, R>(
+    ///
+    /// Not an `async fn` (see [`fetch`]).
+    fn part<M, T, R>(
         &self,
         job: &Job<'_>,
         component: Component,
         downstream: (&Downstream<M, T>, LoaderOf<M, T>),
         message: impl FnOnce() -> M,
         shape: impl FnOnce(T) -> Result<R, CallError>,
-    ) -> Result<Outcome<R>, Error>
+    ) -> impl Future<Output = Result<Outcome<R>, Error>>
     where
         M: Clone + Send + Sync + 'static,
         T: prost::Message + Default + Send + 'static,
     {
-        fetch(component, job.requested, job.needed, job.entity, || async {
-            let (answer, source) = self.cached(job, component, downstream, message()).await?;
-            Ok((shape(answer)?, source))
-        })
-        .await
+        fetch(
+            component,
+            job.requested,
+            job.needed,
+            job.entity,
+            move || {
+                self.cached(job, component, downstream, message())
+                    .map(move |answer| {
+                        let (answer, source) = answer?;
+                        Ok((shape(answer)?, source))
+                    })
+            },
+        )
     }
 
     /// One component's downstream answer, through the cache when the
-    /// component is cached.
-    async fn cached<M, T>(
+    /// component is cached. Not an `async fn` (see [`fetch`]).
+    fn cached<M, T>(
         &self,
         job: &Job<'_>,
         component: Component,
         (downstream, loader_of): (&Downstream<M, T>, LoaderOf<M, T>),
         message: M,
-    ) -> Result<(T, Source), CallError>
+    ) -> impl Future<Output = Result<(T, Source), CallError>>
     where
         M: Clone + Send + Sync + 'static,
         T: prost::Message + Default + Send + 'static,
@@ -205,7 +215,8 @@ impl Engine {
             }
         };
         if !self.cache.enabled(component) {
-            return live(job.deadline).await.map(|v| (v, Source::Live));
+            let answer = live(job.deadline);
+            return Either::Left(answer.map(|r| r.map(|v| (v, Source::Live))));
         }
         let key = Key {
             component,
@@ -217,11 +228,13 @@ impl Engine {
         // Boxed: the cache's path (in-process and Redis lookups, coalescing)
         // would otherwise make every component's future, cached or not, as
         // large as its biggest await (`api::customer_v1::future_sizes`).
-        Box::pin(
-            self.cache
-                .fetch(key, job.policy, needed, job.deadline, live),
-        )
-        .await
+        Either::Right(Box::pin(self.cache.fetch(
+            key,
+            job.policy,
+            needed,
+            job.deadline,
+            live,
+        )))
     }
 
     /// Records what one aggregate came to, from its typed outcomes (not from
@@ -300,23 +313,28 @@ struct Entity<'a> {
 
 /// Fetches one component if it was requested, applying the failure rules.
 /// `Err` ends the whole call (and, inside `try_join!`, cancels its siblings).
-async fn fetch<T, Fut>(
+///
+/// Not an `async fn`: every component of every aggregate in flight is in
+/// this future, and an `async fn` would keep `call` and the entity beside
+/// the call's own future.
+fn fetch<'a, T, C, Fut>(
     component: Component,
     requested: ComponentSet,
     needed: ComponentSet,
-    entity: Entity<'_>,
-    call: impl FnOnce() -> Fut,
-) -> Result<Outcome<T>, Error>
+    entity: Entity<'a>,
+    call: C,
+) -> impl Future<Output = Result<Outcome<T>, Error>> + use<'a, T, C, Fut>
 where
+    C: FnOnce() -> Fut,
     Fut: Future<Output = Result<(T, Source), CallError>>,
 {
     if !requested.contains(component) {
-        return Ok(Outcome::Skipped);
+        return Either::Left(std::future::ready(Ok(Outcome::Skipped)));
     }
     let speaks_for_entity = entity
         .owner
         .is_none_or(|owner| owner == component || !requested.contains(owner));
-    match call().await {
+    Either::Right(call().map(move |answer| match answer {
         Ok((v, source)) => Ok(Outcome::Ok(v, source)),
         Err(CallError::NotFound) if speaks_for_entity => Err(Error::NotFound {
             kind: entity.kind,
@@ -331,7 +349,7 @@ where
             Err(Error::Component { component, reason })
         }
         Err(CallError::Failed(reason)) => Ok(Outcome::Failed(reason)),
-    }
+    }))
 }
 
 #[cfg(test)]

@@ -278,20 +278,22 @@ where
         method,
         tally: tally.clone(),
     };
-    let scoped = CURRENT.scope(context, f).instrument(span.clone());
-    let consumer = consumer.clone();
-    // A combinator, not an `async` block: a block would keep `scoped` twice
-    // (as captured, and as awaited).
-    futures::FutureExt::map(scoped, move |result| {
-        finish(
+    // Combinators, not an `async` block: a block would keep the handler's
+    // future twice (as captured, and as awaited). `finish` runs inside the
+    // scope and the span, so it reads both from there rather than keeping
+    // copies beside the handler's future.
+    let finished = futures::FutureExt::map(f, move |result| match RequestContext::current() {
+        Some(cx) => finish(
             result,
             metrics,
             (method, started),
-            (&span, &tally),
-            request_id,
-            &consumer,
-        )
-    })
+            &tracing::Span::current(),
+            &cx,
+        ),
+        // Cannot happen: the map runs inside the scope.
+        None => result,
+    });
+    CURRENT.scope(context, finished).instrument(span)
 }
 
 /// The end of [`observe`]: the RPC's metrics, span fields, log line and the
@@ -300,10 +302,10 @@ fn finish<T>(
     result: Result<Response<T>, Status>,
     metrics: &Metrics,
     (method, started): (&'static str, Instant),
-    (span, tally): (&tracing::Span, &Tally),
-    request_id: Arc<str>,
-    consumer: &str,
+    span: &tracing::Span,
+    cx: &RequestContext,
 ) -> Result<Response<T>, Status> {
+    let (tally, request_id, consumer) = (&cx.tally, &*cx.request_id, &*cx.consumer);
     let code = code_name(match &result {
         Ok(_) => Code::Ok,
         Err(s) => s.code(),
@@ -335,7 +337,7 @@ fn finish<T>(
     // info level: method, outcome, timing, ids of the request only.
     let duration_ms = elapsed.as_secs_f64() * 1e3;
     if degraded_list.is_empty() && code == "OK" {
-        tracing::debug!(parent: span, method, status = code, duration_ms, request_id = &*request_id, consumer, "rpc");
+        tracing::debug!(parent: span, method, status = code, duration_ms, request_id, consumer, "rpc");
     } else {
         tracing::info!(
             parent: span,
@@ -343,20 +345,22 @@ fn finish<T>(
             status = code,
             duration_ms,
             degraded = degraded_list.as_str(),
-            request_id = &*request_id,
+            request_id,
             consumer,
             "rpc"
         );
     }
+    // The request id made into a header value once, for downstream calls.
+    let id = cx.headers[0].clone();
     match result {
         Ok(mut r) => {
-            if let Ok(v) = MetadataValue::try_from(&*request_id) {
+            if let Some(v) = id {
                 r.metadata_mut().insert(REQUEST_ID, v);
             }
             Ok(r)
         }
         Err(mut s) => {
-            if let Ok(v) = MetadataValue::try_from(&*request_id) {
+            if let Some(v) = id {
                 s.metadata_mut().insert(REQUEST_ID, v);
             }
             Err(s)
