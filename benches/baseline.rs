@@ -560,9 +560,12 @@ async fn main() -> Result<(), Boxed> {
         per_call_kib(&p, a, slow, 100).await?;
         let mut line = format!("  {name:<13}");
         for &n in &sizes {
-            let first = per_call_kib(&p, a, slow, n).await?;
-            let again = per_call_kib(&p, a, slow, n).await?;
-            line += &format!("  {n} in flight: first {first:.1}, again {again:.1};");
+            let (first, peak) = per_call_kib(&p, a, slow, n).await?;
+            let (again, _) = per_call_kib(&p, a, slow, n).await?;
+            line += &format!(
+                "  {n} in flight: first {first:.1} (RSS {} MiB), again {again:.1};",
+                peak / 1024
+            );
         }
         println!("{line}  RSS now {} MiB", rss_kib(&p) / 1024);
     }

@@ -105,8 +105,8 @@ async fn main() -> Result<(), Boxed> {
         // The first time a concurrency is reached, bfb opens connections
         // and the allocator grows its arenas; the second time shows what
         // each call holds.
-        let first = per_call_kib(&bfb, addr, sim, n).await?;
-        let again = per_call_kib(&bfb, addr, sim, n).await?;
+        let (first, _) = per_call_kib(&bfb, addr, sim, n).await?;
+        let (again, _) = per_call_kib(&bfb, addr, sim, n).await?;
         println!(
             "  {n:>5} in flight: first time {first:.1} KiB per call, again {again:.1} KiB per call"
         );

@@ -228,13 +228,14 @@ pub fn row(name: &str, h: &Histogram<u64>) {
 
 /// RSS growth per call (KiB) of `server` with `n` GetCustomer held at a
 /// slow sim (all 4n downstream calls counted there, not guessed with a
-/// sleep), 100 calls per client connection; then lets them finish.
+/// sleep), 100 calls per client connection, and its RSS then (KiB); then
+/// lets them finish.
 pub async fn per_call_kib(
     server: &Child,
     addr: SocketAddr,
     sim: SocketAddr,
     n: u64,
-) -> Result<f64, Boxed> {
+) -> Result<(f64, u64), Boxed> {
     let idle = rss_kib(server);
     let mut clients = Vec::new();
     for _ in 0..n.div_ceil(100) {
@@ -270,5 +271,5 @@ pub async fn per_call_kib(
     for t in tasks {
         t.await??;
     }
-    Ok(busy.saturating_sub(idle) as f64 / n as f64)
+    Ok((busy.saturating_sub(idle) as f64 / n as f64, busy))
 }
