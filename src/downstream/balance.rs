@@ -716,7 +716,7 @@ mod tests {
             max_streams_per_connection: 2,
             max_connections_per_endpoint: Some(2),
         };
-        let connector: Connector = Arc::new(super::super::transport::Connector::plain(
+        let connector: Connector = Arc::new(crate::downstream::transport::Connector::plain(
             Duration::from_secs(1),
         ));
         let p = Pool::new("t".into(), settings, connector, &Arc::new(Metrics::new()));

@@ -75,11 +75,11 @@ pub struct Connector {
 /// Pings while calls are in flight (never on an idle connection: servers
 /// such as grpc-go close connections that ping too often with no calls).
 #[derive(Clone, Copy, Debug)]
-pub struct Keepalive {
+struct Keepalive {
     /// Time between pings.
-    pub interval: Duration,
+    interval: Duration,
     /// How long a ping may go unanswered before the connection is dropped.
-    pub timeout: Duration,
+    timeout: Duration,
 }
 
 impl Default for Keepalive {
@@ -118,11 +118,6 @@ impl Connector {
     pub fn origin(self, origin: Option<Authority>) -> Connector {
         Connector { origin, ..self }
     }
-
-    /// Keepalive pings.
-    pub fn keepalive(self, keepalive: Keepalive) -> Connector {
-        Connector { keepalive, ..self }
-    }
 }
 
 /// Why a call could not be sent or answered over a connection. Every one is
@@ -140,14 +135,8 @@ pub enum TransportError {
     Request(#[source] http::Error),
 }
 
-impl TransportError {
-    fn connect(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> TransportError {
-        TransportError::Connect(io::Error::other(e))
-    }
-}
-
 /// What a connection attempt yields to every call waiting on it.
-type Connecting = future::Shared<BoxFuture<'static, Result<Ready, Arc<TransportError>>>>;
+type Connecting = future::Shared<BoxFuture<'static, Result<Ready, Arc<io::Error>>>>;
 
 enum State {
     Idle,
@@ -234,7 +223,7 @@ impl Connection {
                 async move {
                     let ready = connecting
                         .await
-                        .map_err(|e| SendError::Transport(clone_error(&e)))?;
+                        .map_err(|e| SendError::Transport(TransportError::Connect(copy(&e))))?;
                     Connection::open(&ready, head, body)
                 }
                 .boxed(),
@@ -345,24 +334,21 @@ pub enum SendError {
     Status(Status),
 }
 
-/// A shared connect error for one of the calls that waited on it.
-fn clone_error(e: &TransportError) -> TransportError {
-    match e {
-        TransportError::Connect(io) => TransportError::Connect(io::Error::new(
-            io.kind(),
-            io.get_ref()
-                .map_or_else(|| io.kind().to_string(), |e| e.to_string()),
-        )),
-        TransportError::Connection(h2) => TransportError::connect(h2.to_string()),
-        TransportError::Request(e) => TransportError::connect(e.to_string()),
-    }
+/// A shared connect error for one of the calls that waited on it: its kind
+/// (which tells the balancer a refused address) and message.
+fn copy(e: &io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        e.get_ref()
+            .map_or_else(|| e.kind().to_string(), |inner| inner.to_string()),
+    )
 }
 
 async fn connect(
     addr: SocketAddr,
     connector: Arc<Connector>,
     authority: Authority,
-) -> Result<Ready, Arc<TransportError>> {
+) -> Result<Ready, Arc<io::Error>> {
     let shared = Arc::new(Shared {
         closed: AtomicBool::new(false),
         active: AtomicUsize::new(0),
@@ -371,17 +357,12 @@ async fn connect(
         user_agent: connector.user_agent.clone(),
     });
     let made = tokio::time::timeout(connector.connect_timeout, async {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(TransportError::Connect)?;
-        tcp.set_nodelay(true).map_err(TransportError::Connect)?;
+        let tcp = TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
         match &connector.tls {
             None => handshake(tcp, connector.keepalive, shared).await,
             Some((tls, name)) => {
-                let tls = tls
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(TransportError::Connect)?;
+                let tls = tls.connect(name.clone(), tcp).await?;
                 handshake(tls, connector.keepalive, shared).await
             }
         }
@@ -390,18 +371,14 @@ async fn connect(
     match made {
         Ok(Ok(ready)) => Ok(ready),
         Ok(Err(e)) => Err(Arc::new(e)),
-        Err(_) => Err(Arc::new(TransportError::Connect(io::Error::new(
+        Err(_) => Err(Arc::new(io::Error::new(
             io::ErrorKind::TimedOut,
             "connect timed out",
-        )))),
+        ))),
     }
 }
 
-async fn handshake<T>(
-    io: T,
-    keepalive: Keepalive,
-    shared: Arc<Shared>,
-) -> Result<Ready, TransportError>
+async fn handshake<T>(io: T, keepalive: Keepalive, shared: Arc<Shared>) -> io::Result<Ready>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -416,7 +393,7 @@ where
         .enable_push(false)
         .handshake::<T, Bytes>(io)
         .await
-        .map_err(|e| TransportError::Connect(io::Error::other(e)))?;
+        .map_err(io::Error::other)?;
     tokio::spawn(drive(connection, shared.clone(), keepalive));
     Ok(Ready { send, shared })
 }

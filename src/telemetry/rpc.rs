@@ -268,15 +268,14 @@ where
         let _ = span.set_parent(parent);
     }
 
-    let tally = Arc::new(Tally::default());
     let header = |v: &str| MetadataValue::try_from(v).ok();
     let context = RequestContext {
         headers: Arc::new([header(&request_id), header(consumer), header(principal)]),
-        request_id: request_id.clone(),
+        request_id,
         consumer: consumer.clone(),
         principal: principal.clone(),
         method,
-        tally: tally.clone(),
+        tally: Arc::default(),
     };
     // Combinators, not an `async` block: a block would keep the handler's
     // future twice (as captured, and as awaited). `finish` runs inside the

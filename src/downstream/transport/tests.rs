@@ -192,18 +192,33 @@ async fn a_connection_that_stops_answering_is_dropped_by_keepalive_and_made_agai
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr: SocketAddr = listener.local_addr().expect("addr");
     tokio::spawn(hanging_then_answering(listener));
-    let keepalive = Keepalive {
-        interval: Duration::from_millis(50),
-        timeout: Duration::from_millis(50),
-    };
-    let connector = Arc::new(Connector::plain(Duration::from_secs(5)).keepalive(keepalive));
-    let connection = Arc::new(Connection::new(addr, connector));
+    // The default keepalive (a ping every 30 s, 10 s to answer), on paused
+    // time once the call's stream is open.
+    let connection = Arc::new(Connection::new(addr, connector()));
+    let c = connection.clone();
     // No deadline on the call: only the unanswered ping can end it.
-    let hung = tokio::time::timeout(Duration::from_secs(10), get_profile(&connection, request()))
+    let call = tokio::spawn(async move { get_profile(&c, request()).await });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while current(&connection).is_none_or(|s| s.active.load(Ordering::Relaxed) == 0) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("the call's stream opens");
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    let hung = tokio::time::timeout(Duration::from_secs(120), call)
         .await
         .expect("keepalive ended the call")
+        .expect("call task")
         .expect_err("no answer");
+    let waited = started.elapsed();
+    tokio::time::resume();
     assert!(std::error::Error::source(&hung).is_some(), "{hung:?}");
+    assert!(
+        waited >= Duration::from_secs(35) && waited < Duration::from_secs(80),
+        "dropped after {waited:?}: at most one interval and one timeout"
+    );
     let answered = get_profile(&connection, request())
         .await
         .expect("a new connection");
